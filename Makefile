@@ -1,0 +1,87 @@
+# Sandpiper: build, run and test. `make help` lists the targets.
+#
+#   make run HOST=0.0.0.0 PORT=8080 CONFIG=sandpiper.toml DATA_DIR=/var/lib/sandpiper/data ARGS=...
+#   make test
+#
+# Where setup.sh puts the venvs (these are exported to it, so both agree):
+SANDPIPER_RUNTIME_DIR ?= /var/lib/sandpiper/runtimes
+SANDPIPER_TEST_VENV ?= /var/lib/sandpiper/test-venv
+export SANDPIPER_RUNTIME_DIR SANDPIPER_TEST_VENV
+
+PYTHON_RUNTIME := $(SANDPIPER_RUNTIME_DIR)/python
+TEST_VENV := $(SANDPIPER_TEST_VENV)
+
+SWIFT ?= swift
+SWIFT_TEST_FLAGS ?= --no-parallel
+PYTEST_FLAGS ?= -q
+# Python test directories that exist (tests/agent, tests/e2e may not be written yet).
+PYTEST_DIRS := $(wildcard tests/agent tests/e2e)
+
+# HOST/PORT/CONFIG/DATA_DIR become `serve` flags when set; ARGS is passed as is.
+SERVE_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) \
+	$(if $(CONFIG),--config $(CONFIG)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.PHONY: help setup build build-debug run test test-swift test-python bench format lint clean
+
+help:
+	@echo "make setup   - install apt packages, the sandbox Python runtime and the test venv (scripts/setup.sh)"
+	@echo "make build   - release build of the sandpiper binary"
+	@echo "make run     - setup + build, then serve (HOST=, PORT=, CONFIG=, DATA_DIR=, ARGS=)"
+	@echo "make test    - setup, swift tests with integration enabled, then the Python tests"
+	@echo "make bench   - setup + release build, then bench/bench.py"
+	@echo "make format  - swift format the sources in place;  make lint - check formatting"
+	@echo "make clean   - remove build products (not the venvs under /var/lib/sandpiper)"
+
+setup:
+	@echo "==> make setup: scripts/setup.sh"
+	scripts/setup.sh
+
+build:
+	@echo "==> make build: release build of sandpiper"
+	$(SWIFT) build -c release --product sandpiper
+
+run: setup build
+	@echo "==> make run: .build/release/sandpiper serve $(strip $(SERVE_FLAGS) $(ARGS))"
+	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) exec .build/release/sandpiper serve $(SERVE_FLAGS) $(ARGS)
+
+test: setup
+	@echo "==> make test: building the package and its tests (debug)"
+	$(SWIFT) build --build-tests
+	@echo "==> make test: swift test $(SWIFT_TEST_FLAGS) (integration tests on, runtime $(PYTHON_RUNTIME))"
+	SANDPIPER_INTEGRATION=1 SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) $(SWIFT) test $(SWIFT_TEST_FLAGS)
+	@$(MAKE) --no-print-directory test-python
+
+# The Python tests alone, against the debug binary that `make test` builds.
+test-python:
+ifeq ($(strip $(PYTEST_DIRS)),)
+	@echo "==> make test: no Python test directories (tests/agent, tests/e2e) yet, skipping pytest"
+else
+	@echo "==> make test: pytest $(PYTEST_DIRS)"
+	@# pytest exits 5 when it collects no test at all: not a failure here.
+	SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/debug/sandpiper \
+	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
+		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) $(PYTEST_DIRS) \
+		|| { rc=$$?; if [ $$rc -eq 5 ]; then echo "==> pytest collected no tests"; else exit $$rc; fi; }
+endif
+
+bench: setup build
+	@echo "==> make bench: bench/bench.py against .build/release/sandpiper"
+	SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/release/sandpiper \
+	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
+		$(TEST_VENV)/bin/python bench/bench.py $(ARGS)
+
+format:
+	@echo "==> make format: swift format (in place) Sources Tests"
+	$(SWIFT) format format --parallel --in-place --recursive Sources Tests
+
+lint:
+	@echo "==> make lint: swift format lint --strict Sources Tests"
+	$(SWIFT) format lint --strict --recursive Sources Tests
+
+clean:
+	@echo "==> make clean: removing .build and Python caches (venvs stay; rm -rf /var/lib/sandpiper to drop them)"
+	rm -rf .build .swiftpm
+	find . -path ./.git -prune -o -path ./.build -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,131 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "Sandpiper",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "sandpiper", targets: ["sandpiper"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/vapor/multipart-kit.git", from: "4.7.1"),
+    ],
+    targets: [
+        // Domain model shared by every layer: errors, pool configuration, identifiers,
+        // file names, the Sandbox protocol and the agent wire messages. Foundation only.
+        .target(
+            name: "SandpiperCore",
+            dependencies: [.product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        // C bridges: the libseccomp filter and the GNU libc calls the Glibc module does not expose.
+        .target(
+            name: "CSandpiperShims",
+            linkerSettings: [.linkedLibrary("seccomp")]
+        ),
+        // The namespace sandbox backend (bubblewrap + seccomp + cgroups + tmpfs /mnt/data).
+        .target(
+            name: "SandpiperSandbox",
+            dependencies: [
+                "SandpiperCore",
+                "CSandpiperShims",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOExtras", package: "swift-nio-extras"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            resources: [.copy("Agents")],
+            swiftSettings: swiftSettings
+        ),
+        // Pools, sessions, refill and reaping. No HTTP, no bubblewrap.
+        .target(
+            name: "SandpiperSessions",
+            dependencies: [
+                "SandpiperCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // SQLite state (sessions index, sandbox records for crash cleanup).
+        .target(
+            name: "SandpiperStore",
+            dependencies: [
+                "SandpiperCore",
+                .product(name: "GRDB", package: "GRDB.swift"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // The HTTP layer: Azure data-plane shapes, auth, error mapping.
+        .target(
+            name: "SandpiperAPI",
+            dependencies: [
+                "SandpiperCore",
+                "SandpiperSessions",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "MultipartKit", package: "multipart-kit"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "sandpiper",
+            dependencies: [
+                "SandpiperCore",
+                "SandpiperSessions",
+                "SandpiperSandbox",
+                "SandpiperStore",
+                "SandpiperAPI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SandpiperCoreTests",
+            dependencies: ["SandpiperCore"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SandpiperSessionsTests",
+            dependencies: ["SandpiperCore", "SandpiperSessions"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SandpiperSandboxTests",
+            dependencies: ["SandpiperCore", "SandpiperSandbox"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SandpiperAPITests",
+            dependencies: [
+                "SandpiperCore", "SandpiperSessions", "SandpiperAPI", "SandpiperStore",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // Real sandboxes: bubblewrap, cgroups, the Python runtime. Needs root and `make setup`.
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: [
+                "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore",
+            ],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

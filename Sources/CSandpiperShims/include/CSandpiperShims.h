@@ -1,0 +1,19 @@
+#ifndef C_SANDPIPER_SHIMS_H
+#define C_SANDPIPER_SHIMS_H
+#include <sys/types.h>
+
+/// Writes the sandbox's seccomp filter, as raw BPF, to `fd`. Returns 0 or a negative errno.
+int sandpiper_seccomp_export_bpf(int fd);
+
+/// pipe2(fds, O_CLOEXEC). Returns 0 or -1 with errno set.
+int sandpiper_pipe_cloexec(int fds[2]);
+
+/// posix_spawn with an exact descriptor table: the child's fd i is `fds[i]` for i < count, every
+/// other descriptor is closed, all signals are reset to their defaults and unblocked, and the
+/// child starts a new session. Returns 0 or an errno value.
+int sandpiper_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+                    const int *fds, int count);
+
+/// The filesystem magic number of `path` (statfs f_type), or -1.
+long sandpiper_fs_type(const char *path);
+#endif

@@ -1,0 +1,132 @@
+import struct Foundation.Date
+
+/// What a caller asks a session to run.
+public struct ExecutionRequest: Sendable, Equatable {
+    public var code: String
+    /// Wall-clock budget; the guest interrupts the code when it runs out.
+    public var timeoutSeconds: Double
+    /// Cap for each of stdout and stderr, in bytes.
+    public var outputLimit: Int
+
+    public init(code: String, timeoutSeconds: Double, outputLimit: Int) {
+        self.code = code
+        self.timeoutSeconds = timeoutSeconds
+        self.outputLimit = outputLimit
+    }
+}
+
+/// What came of an execution. User code failing is an outcome (`status == .failure`), not an error.
+public struct ExecutionOutcome: Sendable, Equatable {
+    public enum Status: String, Sendable, Equatable {
+        case success = "Success"
+        case failure = "Failure"
+    }
+
+    public var status: Status
+    public var stdout: String
+    public var stderr: String
+    /// A JSON primitive, the text repr of a richer value, or an image object.
+    public var result: JSONValue
+    /// The Jupyter `text/plain` repr of the value ("" when none).
+    public var jupyterResult: String
+    public var timedOut: Bool
+    public var durationMilliseconds: Double
+    public var stdoutTruncated: Bool
+    public var stderrTruncated: Bool
+
+    public init(
+        status: Status,
+        stdout: String = "",
+        stderr: String = "",
+        result: JSONValue = .string(""),
+        jupyterResult: String = "",
+        timedOut: Bool = false,
+        durationMilliseconds: Double = 0,
+        stdoutTruncated: Bool = false,
+        stderrTruncated: Bool = false
+    ) {
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.result = result
+        self.jupyterResult = jupyterResult
+        self.timedOut = timedOut
+        self.durationMilliseconds = durationMilliseconds
+        self.stdoutTruncated = stdoutTruncated
+        self.stderrTruncated = stderrTruncated
+    }
+}
+
+/// A file or directory in a session's `/mnt/data`.
+public struct FileEntry: Sendable, Equatable {
+    public var path: SessionFilePath
+    public var isDirectory: Bool
+    public var size: Int64
+    public var modified: Date
+
+    public init(path: SessionFilePath, isDirectory: Bool, size: Int64, modified: Date) {
+        self.path = path
+        self.isDirectory = isDirectory
+        self.size = size
+        self.modified = modified
+    }
+}
+
+/// Reads one file of a session in chunks. Close it when done; closing twice is fine.
+public protocol SandboxFileReader: Sendable {
+    var size: Int64 { get }
+    /// Up to `maxBytes`; an empty array at the end of the file.
+    func read(maxBytes: Int) async throws -> [UInt8]
+    func close()
+}
+
+/// Writes one file of a session. `finish()` makes it visible under its name; `abort()` (or
+/// dropping it without finishing) leaves nothing behind.
+public protocol SandboxFileWriter: Sendable {
+    func write(_ bytes: [UInt8]) async throws
+    func finish() async throws -> FileEntry
+    func abort() async
+}
+
+/// One isolated sandbox running a guest agent. Implementations: the namespace backend
+/// (bubblewrap) here; gVisor and microVMs later, behind the same protocol.
+public protocol Sandbox: AnyObject, Sendable {
+    /// Unique id of this sandbox (not the caller's identifier).
+    var id: String { get }
+    /// False once the guest has died or the sandbox was destroyed.
+    var isAlive: Bool { get }
+
+    /// Runs code in the guest. Throws `sandboxFailure` when the guest dies or stops answering;
+    /// the sandbox is unusable afterwards.
+    func execute(_ request: ExecutionRequest) async throws -> ExecutionOutcome
+
+    func listFiles(in directory: SessionFilePath, recursive: Bool) async throws -> [FileEntry]
+    func fileInfo(_ path: SessionFilePath) async throws -> FileEntry
+    func openFile(_ path: SessionFilePath) async throws -> any SandboxFileReader
+    /// Creates or replaces a file. Parent directories are created.
+    func createFile(_ path: SessionFilePath) async throws -> any SandboxFileWriter
+    func deleteFile(_ path: SessionFilePath) async throws
+
+    /// Stops everything and removes every trace (processes, mounts, cgroups, files).
+    /// Idempotent.
+    func destroy() async
+}
+
+/// What a backend needs to start a sandbox for a pool.
+public struct SandboxSpec: Sendable {
+    public var id: String
+    public var pool: PoolConfiguration
+
+    public init(id: String, pool: PoolConfiguration) {
+        self.id = id
+        self.pool = pool
+    }
+}
+
+/// Starts sandboxes. One instance serves every pool of its kind.
+public protocol SandboxBackend: Sendable {
+    /// Starts a sandbox and waits until its guest is ready to execute.
+    func launch(_ spec: SandboxSpec) async throws -> any Sandbox
+    /// Removes whatever an earlier run of the server left behind.
+    func cleanupLeftovers() async
+}

@@ -1,0 +1,239 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSandpiperShims
+import Foundation
+import Logging
+import SandpiperCore
+import Synchronization
+
+/// Sandboxes made of Linux namespaces with bubblewrap, started as a per-session unprivileged
+/// host uid, with a seccomp filter, cgroup limits and a size-limited tmpfs as `/mnt/data`.
+public final class NamespaceBackend: SandboxBackend {
+    public struct Configuration: Sendable {
+        /// Holds `sessions/<sandbox>/data` mounts, the seccomp program and generated /etc files.
+        public var stateDirectory: String
+        /// The Python runtime (a venv) bound read-only into every sandbox at the same path.
+        public var pythonRuntime: String
+        /// Directory holding `python/agent.py`.
+        public var agentsDirectory: String
+        /// Host uids handed to sandboxes, one per live sandbox.
+        public var uidRange: ClosedRange<UInt32>
+        public var bubblewrap: String
+        public var setpriv: String
+        public var slirp4netns: String
+        public var startupTimeout: Duration
+        /// Send the agents' own stderr to the server's (for debugging the agents).
+        public var inheritAgentStderr: Bool
+
+        public init(
+            stateDirectory: String,
+            pythonRuntime: String,
+            agentsDirectory: String,
+            uidRange: ClosedRange<UInt32> = 230_000...239_999,
+            bubblewrap: String = "/usr/bin/bwrap",
+            setpriv: String = "/usr/bin/setpriv",
+            slirp4netns: String = "/usr/bin/slirp4netns",
+            startupTimeout: Duration = .seconds(60),
+            inheritAgentStderr: Bool = false
+        ) {
+            self.stateDirectory = stateDirectory
+            self.pythonRuntime = pythonRuntime
+            self.agentsDirectory = agentsDirectory
+            self.uidRange = uidRange
+            self.bubblewrap = bubblewrap
+            self.setpriv = setpriv
+            self.slirp4netns = slirp4netns
+            self.startupTimeout = startupTimeout
+            self.inheritAgentStderr = inheritAgentStderr
+        }
+    }
+
+    public static let name = "namespaces"
+
+    /// The guest agents shipped with this build.
+    public static var bundledAgentsDirectory: String {
+        Bundle.module.resourceURL?.appendingPathComponent("Agents").path ?? "Agents"
+    }
+
+    let configuration: Configuration
+    let cgroups: CgroupSetup
+    let records: any SandboxRecordStore
+    let logger: Logger
+    private let usedUIDs = Mutex<Set<UInt32>>([])
+    var sessionsDirectory: String { configuration.stateDirectory + "/sessions" }
+    var seccompPath: String { configuration.stateDirectory + "/seccomp.bpf" }
+    var etcDirectory: String { configuration.stateDirectory + "/etc" }
+
+    /// Checks the host and prepares shared files. Throws with a message that says what is
+    /// missing (not root, no bubblewrap, no runtime, no cgroups).
+    public init(
+        configuration: Configuration,
+        records: any SandboxRecordStore,
+        cgroups: CgroupSetup? = nil,
+        logger: Logger
+    ) throws {
+        self.configuration = configuration
+        self.records = records
+        self.logger = logger
+        guard geteuid() == 0 else {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "the namespace sandbox needs root: it creates cgroups and runs each session as its own host uid"
+            )
+        }
+        for (tool, path) in [("bubblewrap", configuration.bubblewrap), ("setpriv", configuration.setpriv)] {
+            guard access(path, X_OK) == 0 else {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxBackendUnavailable",
+                    "\(tool) is not installed at \(path); run `make setup`"
+                )
+            }
+        }
+        let python = configuration.pythonRuntime + "/bin/python"
+        guard access(python, X_OK) == 0 else {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "the sandbox Python runtime is missing at \(configuration.pythonRuntime); run `make setup`"
+            )
+        }
+        guard access(configuration.agentsDirectory + "/python/agent.py", R_OK) == 0 else {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "the guest agents are missing at \(configuration.agentsDirectory)"
+            )
+        }
+        self.cgroups = try cgroups ?? CgroupSetup.detectHost()
+        try self.cgroups.prepare()
+        try FileManager.default.createDirectory(atPath: configuration.stateDirectory + "/sessions", withIntermediateDirectories: true)
+        chmod(configuration.stateDirectory, 0o711)
+        chmod(configuration.stateDirectory + "/sessions", 0o711)
+        try writeSeccompProgram()
+        try writeEtcFiles()
+        try installAgents()
+    }
+
+    /// Sandboxes bind the agents from the state directory, which every sandbox uid can reach
+    /// (a checkout under /root could not be bound by an unprivileged bubblewrap).
+    var installedAgentsDirectory: String { configuration.stateDirectory + "/agents" }
+
+    private func installAgents() throws {
+        let target = installedAgentsDirectory
+        let staging = target + ".new"
+        try? FileManager.default.removeItem(atPath: staging)
+        try FileManager.default.copyItem(atPath: configuration.agentsDirectory, toPath: staging)
+        if let paths = FileManager.default.enumerator(atPath: staging) {
+            for case let relative as String in paths {
+                var isDirectory: ObjCBool = false
+                FileManager.default.fileExists(atPath: staging + "/" + relative, isDirectory: &isDirectory)
+                chmod(staging + "/" + relative, isDirectory.boolValue ? 0o755 : 0o644)
+            }
+        }
+        chmod(staging, 0o755)
+        try? FileManager.default.removeItem(atPath: target)
+        try FileManager.default.moveItem(atPath: staging, toPath: target)
+    }
+
+    private func writeSeccompProgram() throws {
+        let fd = open(seccompPath + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw SandpiperError.internalError("cannot write \(seccompPath)") }
+        let rc = sandpiper_seccomp_export_bpf(fd)
+        close(fd)
+        guard rc == 0 else { throw SandpiperError.internalError("cannot build the seccomp filter (libseccomp error \(rc))") }
+        rename(seccompPath + ".tmp", seccompPath)
+    }
+
+    private func writeEtcFiles() throws {
+        try FileManager.default.createDirectory(atPath: etcDirectory, withIntermediateDirectories: true)
+        let files = [
+            "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\nuser:x:1000:1000:sandbox user:/mnt/data:/bin/bash\n"
+                + "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            "group": "root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n",
+            "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            "resolv.conf": "nameserver 10.0.2.3\n",
+        ]
+        for (name, text) in files {
+            try text.write(toFile: etcDirectory + "/" + name, atomically: true, encoding: .utf8)
+            chmod(etcDirectory + "/" + name, 0o644)
+        }
+        chmod(etcDirectory, 0o755)
+    }
+
+    // MARK: UIDs
+
+    func allocateUID() throws(SandpiperError) -> UInt32 {
+        let range = configuration.uidRange
+        let uid: UInt32? = usedUIDs.withLock { used in
+            guard let free = range.first(where: { !used.contains($0) }) else { return nil }
+            used.insert(free)
+            return free
+        }
+        guard let uid else {
+            throw SandpiperError(.unavailable, "no free sandbox uid left in \(range.lowerBound)...\(range.upperBound)")
+        }
+        return uid
+    }
+
+    func releaseUID(_ uid: UInt32) {
+        _ = usedUIDs.withLock { $0.remove(uid) }
+    }
+
+    // MARK: SandboxBackend
+
+    public func launch(_ spec: SandboxSpec) async throws -> any Sandbox {
+        try await NamespaceSandbox.launch(spec: spec, backend: self)
+    }
+
+    public func cleanupLeftovers() async {
+        var cleaned = 0
+        let known = (try? await records.records(backend: Self.name)) ?? []
+        for record in known {
+            removeTraces(id: record.id, pid: record.pid, directory: record.directory, cgroupDirectories: record.cgroupDirectories)
+            try? await records.removeRecord(id: record.id)
+            cleaned += 1
+        }
+        // Belt and braces: groups and directories no record mentions (a lost or foreign state file).
+        for id in cgroups.leftoverSandboxIDs() {
+            cgroups.killAndRemove(sandboxID: id)
+            cleaned += 1
+        }
+        if let entries = try? FileManager.default.contentsOfDirectory(atPath: sessionsDirectory) {
+            for entry in entries {
+                removeTraces(id: entry, pid: 0, directory: sessionsDirectory + "/" + entry, cgroupDirectories: [])
+                cleaned += 1
+            }
+        }
+        if cleaned > 0 {
+            logger.notice("removed sandboxes left by an earlier run", metadata: ["count": "\(cleaned)"])
+        }
+    }
+
+    /// Kills processes, removes cgroups, unmounts and deletes the sandbox directory.
+    func removeTraces(id: String, pid: Int32, directory: String, cgroupDirectories: [String]) {
+        cgroups.killAndRemove(sandboxID: id)
+        // Groups recorded under another parent (the server may run in another cgroup now).
+        for dir in cgroupDirectories where !cgroups.directories(for: id).contains(dir) {
+            for round in 0..<200 {
+                guard let text = try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8) else { break }
+                let pids = text.split(separator: "\n").compactMap { pid_t($0) }
+                if pids.isEmpty { break }
+                for pid in pids { kill(pid, SIGKILL) }
+                usleep(round < 10 ? 1000 : 10_000)
+            }
+            rmdir(dir)
+        }
+        if pid > 0 {
+            kill(pid, SIGKILL)
+            _ = ChildProcess.reapIfExited(pid)
+        }
+        let data = directory + "/data"
+        for _ in 0..<3 {
+            if umount2(data, Int32(MNT_DETACH)) != 0 { break }
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}

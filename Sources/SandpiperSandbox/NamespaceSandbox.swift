@@ -1,0 +1,303 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import SandpiperCore
+import Synchronization
+
+/// One bubblewrap sandbox running the Python agent. See `NamespaceBackend`.
+final class NamespaceSandbox: Sandbox {
+    let id: String
+    let uid: UInt32
+    let pid: pid_t
+    let directory: String
+    let files: SafeDirectory
+    private let agent: AgentChannel
+    private let backend: NamespaceBackend
+    private let destroyed = Mutex(false)
+    private let logger: Logger
+
+    /// Time the host grants past the execution timeout for the agent to interrupt the code and
+    /// answer before it is declared hung and the sandbox is killed.
+    static let interruptGrace: Duration = .seconds(10)
+
+    private init(
+        id: String,
+        uid: UInt32,
+        pid: pid_t,
+        directory: String,
+        agent: AgentChannel,
+        backend: NamespaceBackend,
+        logger: Logger
+    ) {
+        self.id = id
+        self.uid = uid
+        self.pid = pid
+        self.directory = directory
+        self.files = SafeDirectory(root: directory + "/data", owner: uid, group: uid)
+        self.agent = agent
+        self.backend = backend
+        self.logger = logger
+    }
+
+    var isAlive: Bool {
+        !destroyed.withLock { $0 } && agent.isOpen
+    }
+
+    // MARK: Launch
+
+    static func launch(spec: SandboxSpec, backend: NamespaceBackend) async throws -> NamespaceSandbox {
+        let id = spec.id
+        let limits = spec.pool.limits
+        let config = backend.configuration
+        var logger = backend.logger
+        logger[metadataKey: "sandbox"] = "\(id)"
+        let uid = try backend.allocateUID()
+        let directory = backend.sessionsDirectory + "/" + id
+        let data = directory + "/data"
+        var record = SandboxRecord(
+            id: id,
+            pool: spec.pool.name,
+            backend: NamespaceBackend.name,
+            uid: uid,
+            directory: directory,
+            cgroupDirectories: backend.cgroups.directories(for: id),
+            createdAt: Date()
+        )
+        var pid: pid_t = 0
+        var openFDs: [Int32] = []
+        func undo() async {
+            for fd in openFDs { close(fd) }
+            backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: record.cgroupDirectories)
+            if pid > 0 { _ = await ChildProcess.waitForExit(pid) }
+            try? await backend.records.removeRecord(id: id)
+            backend.releaseUID(uid)
+        }
+        do {
+            try await backend.records.save(record)
+            try makeDataMount(directory: directory, data: data, uid: uid, limits: limits)
+            let procs = try backend.cgroups.create(sandboxID: id, limits: limits)
+
+            let toAgent = try Pipe()
+            let fromAgent = try Pipe()
+            openFDs += [toAgent.read, toAgent.write, fromAgent.read, fromAgent.write]
+            let seccomp = open(backend.seccompPath, O_RDONLY | O_CLOEXEC)
+            guard seccomp >= 0 else { throw SandpiperError.internalError("cannot open the seccomp program") }
+            openFDs.append(seccomp)
+            let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
+            openFDs.append(devNull)
+            let stderrFD = config.inheritAgentStderr ? STDERR_FILENO : devNull
+
+            let bwrapArguments = bubblewrapArguments(spec: spec, backend: backend, data: data, seccompFD: 5)
+            // The shell joins the cgroups before anything else runs, then drops to the session
+            // uid; bubblewrap does all isolation before the agent starts.
+            let script = #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
+            let arguments =
+                ["-c", script, "sandpiper-launch"] + procs + ["--"]
+                + [
+                    config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
+                    "--inh-caps=-all", "--", config.bubblewrap,
+                ] + bwrapArguments
+            pid = try ChildProcess.spawn(
+                executable: "/bin/sh",
+                arguments: arguments,
+                fds: [devNull, devNull, stderrFD, toAgent.read, fromAgent.write, seccomp]
+            )
+            record.pid = pid
+            try? await backend.records.save(record)
+            // The child has its copies; keep only the host ends.
+            for fd in [toAgent.read, fromAgent.write, seccomp, devNull] { close(fd) }
+            openFDs = [toAgent.write, fromAgent.read]
+            let agent = try await AgentChannel.open(input: fromAgent.read, output: toAgent.write)
+            openFDs = []
+            let sandbox = NamespaceSandbox(
+                id: id,
+                uid: uid,
+                pid: pid,
+                directory: directory,
+                agent: agent,
+                backend: backend,
+                logger: logger
+            )
+            do {
+                _ = try await agent.waitUntilReady(timeout: config.startupTimeout)
+            } catch {
+                await sandbox.destroy()
+                throw error
+            }
+            logger.debug("sandbox ready", metadata: ["uid": "\(uid)", "pid": "\(pid)"])
+            return sandbox
+        } catch {
+            await undo()
+            if let error = error as? SandpiperError { throw error }
+            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "could not start a sandbox: \(error)")
+        }
+    }
+
+    private static func makeDataMount(directory: String, data: String, uid: UInt32, limits: SessionLimits) throws {
+        // 0711: the sandbox uid must traverse it to bind `data`, and may list nothing.
+        guard mkdir(directory, 0o711) == 0 else {
+            throw SandpiperError.internalError("cannot create \(directory): \(String(cString: strerror(errno)))")
+        }
+        guard mkdir(data, 0o700) == 0 else {
+            throw SandpiperError.internalError("cannot create \(data): \(String(cString: strerror(errno)))")
+        }
+        let options = "size=\(limits.diskBytes),mode=0700,uid=\(uid),gid=\(uid)"
+        guard mount("tmpfs", data, "tmpfs", UInt(MS_NOSUID | MS_NODEV), options) == 0 else {
+            throw SandpiperError.internalError("cannot mount the session's /mnt/data: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    static func bubblewrapArguments(spec: SandboxSpec, backend: NamespaceBackend, data: String, seccompFD: Int) -> [String] {
+        let config = backend.configuration
+        let runtime = config.pythonRuntime
+        var arguments = [
+            "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        ]
+        for path in ["/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
+            "/etc/mime.types", "/etc/fonts"]
+        where access(path, F_OK) == 0 {
+            arguments += ["--ro-bind", path, path]
+        }
+        for name in ["passwd", "group", "hosts"] {
+            arguments += ["--ro-bind", backend.etcDirectory + "/" + name, "/etc/" + name]
+        }
+        if spec.pool.egressEnabled {
+            arguments += ["--ro-bind", backend.etcDirectory + "/resolv.conf", "/etc/resolv.conf"]
+        }
+        arguments += [
+            "--ro-bind", runtime, runtime,
+            "--ro-bind", backend.installedAgentsDirectory, "/opt/sandpiper/agents",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", "\(spec.pool.limits.tmpBytes)", "--perms", "1777", "--tmpfs", "/tmp",
+            "--dir", "/mnt", "--bind", data, "/mnt/data", "--chdir", "/mnt/data",
+            "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
+            "--clearenv",
+            "--setenv", "PATH", runtime + "/bin:/usr/local/bin:/usr/bin:/bin",
+            "--setenv", "HOME", "/tmp",
+            "--setenv", "USER", "user",
+            "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "MPLBACKEND", "Agg",
+            "--setenv", "MPLCONFIGDIR", "/tmp/.matplotlib",
+            "--setenv", "IPYTHONDIR", "/tmp/.ipython",
+            "--setenv", "XDG_CACHE_HOME", "/tmp/.cache",
+            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--setenv", "PYTHONUNBUFFERED", "1",
+            "--setenv", "OPENBLAS_NUM_THREADS", "1",
+            "--setenv", "OMP_NUM_THREADS", "1",
+        ]
+        // Older OpenBLAS builds need these on some processors (see the machine notes).
+        for name in ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"] {
+            if let value = ProcessInfo.processInfo.environment[name] {
+                arguments += ["--setenv", name, value]
+            }
+        }
+        arguments += [
+            "--remount-ro", "/",
+            "--seccomp", "\(seccompFD)",
+            "--", runtime + "/bin/python", "-I", "-X", "frozen_modules=on", "/opt/sandpiper/agents/python/agent.py",
+        ]
+        return arguments
+    }
+
+    // MARK: Sandbox
+
+    func execute(_ request: ExecutionRequest) async throws -> ExecutionOutcome {
+        guard isAlive else {
+            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")
+        }
+        let fields: [String: JSONValue] = [
+            "type": .string("execute"),
+            "code": .string(request.code),
+            "timeoutSeconds": .number(request.timeoutSeconds),
+            "outputLimit": .integer(Int64(request.outputLimit)),
+        ]
+        let reply: AgentChannel.Reply
+        do {
+            reply = try await agent.request(
+                fields,
+                timeout: .milliseconds(Int64(request.timeoutSeconds * 1000)) + Self.interruptGrace
+            )
+        } catch let error as SandpiperError {
+            logger.warning("agent failed; destroying the sandbox", metadata: ["error": "\(error.message)"])
+            await destroy()
+            if error.kind == .timeout {
+                throw SandpiperError(
+                    .sandboxFailure,
+                    code: "SessionAgentTimeout",
+                    "the code did not stop \(Int(request.timeoutSeconds))s after its timeout; the session was "
+                        + "terminated and the next call gets a fresh one"
+                )
+            }
+            throw SandpiperError(
+                .sandboxFailure,
+                code: error.code,
+                "\(error.message); the session was terminated and the next call gets a fresh one"
+            )
+        }
+        guard reply.type == "result" else {
+            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the agent refused the execution: \(reply.message ?? reply.type)")
+        }
+        return ExecutionOutcome(
+            status: reply.status == "Success" ? .success : .failure,
+            stdout: reply.stdout ?? "",
+            stderr: reply.stderr ?? "",
+            result: reply.result ?? .string(""),
+            jupyterResult: reply.jupyterResult ?? "",
+            timedOut: reply.timedOut ?? false,
+            durationMilliseconds: reply.durationMs ?? 0,
+            stdoutTruncated: reply.stdoutTruncated ?? false,
+            stderrTruncated: reply.stderrTruncated ?? false
+        )
+    }
+
+    func listFiles(in directory: SessionFilePath, recursive: Bool) async throws -> [FileEntry] {
+        try checkFilesAvailable()
+        return try files.list(directory, recursive: recursive)
+    }
+
+    func fileInfo(_ path: SessionFilePath) async throws -> FileEntry {
+        try checkFilesAvailable()
+        return try files.info(path)
+    }
+
+    func openFile(_ path: SessionFilePath) async throws -> any SandboxFileReader {
+        try checkFilesAvailable()
+        return try files.openForReading(path)
+    }
+
+    func createFile(_ path: SessionFilePath) async throws -> any SandboxFileWriter {
+        try checkFilesAvailable()
+        return try files.create(path)
+    }
+
+    func deleteFile(_ path: SessionFilePath) async throws {
+        try checkFilesAvailable()
+        try files.delete(path)
+    }
+
+    private func checkFilesAvailable() throws(SandpiperError) {
+        if destroyed.withLock({ $0 }) {
+            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")
+        }
+    }
+
+    func destroy() async {
+        let already = destroyed.withLock { done in
+            defer { done = true }
+            return done
+        }
+        guard !already else { return }
+        agent.fail(SandpiperError(.sandboxFailure, code: "SessionEnded", "the session was ended"))
+        let cgroupDirectories = backend.cgroups.directories(for: id)
+        backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: cgroupDirectories)
+        _ = await ChildProcess.waitForExit(pid)
+        try? await backend.records.removeRecord(id: id)
+        backend.releaseUID(uid)
+        logger.debug("sandbox destroyed")
+    }
+}

@@ -1,0 +1,59 @@
+import Logging
+import SandpiperCore
+import ServiceLifecycle
+
+/// The registry of pools, and the service that keeps them refilled and reaped. It runs in the
+/// application's `ServiceGroup` before the HTTP server, so it shuts down after it.
+public final class SessionManager: Service, Sendable {
+    public let pools: [String: SessionPool]
+    private let backends: [any SandboxBackend]
+    private let reapInterval: Duration
+    private let logger: Logger
+
+    public init(
+        pools: [SessionPool],
+        backends: [any SandboxBackend],
+        reapInterval: Duration = .seconds(1),
+        logger: Logger
+    ) {
+        self.pools = Dictionary(uniqueKeysWithValues: pools.map { ($0.configuration.name, $0) })
+        self.backends = backends
+        self.reapInterval = reapInterval
+        self.logger = logger
+    }
+
+    public func pool(named name: String) throws(SandpiperError) -> SessionPool {
+        guard let pool = pools[name] else {
+            throw SandpiperError.notFound("session pool '\(name)' does not exist", code: "SessionPoolNotFound")
+        }
+        return pool
+    }
+
+    /// Cleans what an earlier run left, then refills and reaps until graceful shutdown, then
+    /// destroys every sandbox.
+    public func run() async throws {
+        for backend in backends { await backend.cleanupLeftovers() }
+        await withGracefulShutdownHandler {
+            await withTaskGroup(of: Void.self) { group in
+                for pool in pools.values {
+                    group.addTask { await pool.runRefiller() }
+                }
+                group.addTask { await self.reapLoop() }
+                await group.waitForAll()
+            }
+        } onGracefulShutdown: {
+            // Ending the refill streams lets `runRefiller` return; the reaper sees the shutdown.
+            for pool in self.pools.values { pool.stopRefilling() }
+        }
+        await withTaskGroup(of: Void.self) { group in
+            for pool in pools.values { group.addTask { await pool.shutdown() } }
+        }
+    }
+
+    private func reapLoop() async {
+        while !Task.isCancelled, !Task.isShuttingDownGracefully {
+            try? await Task.sleep(for: reapInterval)
+            for pool in pools.values { await pool.reapExpired() }
+        }
+    }
+}

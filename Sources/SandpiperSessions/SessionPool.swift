@@ -1,0 +1,261 @@
+import Foundation
+import Logging
+import SandpiperCore
+
+/// One pool: its ready sandboxes and its live sessions. All bookkeeping happens on the actor;
+/// sandbox launches and teardowns happen outside it (awaited), and state is re-checked after.
+public actor SessionPool {
+    public nonisolated let configuration: PoolConfiguration
+    private let backend: any SandboxBackend
+    private let logger: Logger
+    private let now: @Sendable () -> Date
+
+    private var ready: [any Sandbox] = []
+    private var sessions: [SessionIdentifier: Session] = [:]
+    /// Allocations in progress, so that two first calls with one identifier share a session.
+    private var allocating: [SessionIdentifier: Task<Session, any Error>] = [:]
+    private var launching = 0
+    private var shuttingDown = false
+    private var lastLaunchError: SandpiperError?
+    private nonisolated let refillSignal: AsyncStream<Void>.Continuation
+    private let refillRequests: AsyncStream<Void>
+
+    public init(
+        configuration: PoolConfiguration,
+        backend: any SandboxBackend,
+        logger: Logger,
+        now: @escaping @Sendable () -> Date = Date.init
+    ) {
+        self.configuration = configuration
+        self.backend = backend
+        var logger = logger
+        logger[metadataKey: "pool"] = "\(configuration.name)"
+        self.logger = logger
+        self.now = now
+        (self.refillRequests, self.refillSignal) = AsyncStream.makeStream(bufferingPolicy: .bufferingNewest(1))
+    }
+
+    // MARK: Sessions
+
+    /// The live session for `identifier`, allocating one from the ready sandboxes when the
+    /// identifier is new (or its previous sandbox died).
+    public func session(for identifier: SessionIdentifier) async throws -> Session {
+        if let existing = sessions[identifier] {
+            if existing.sandbox.isAlive {
+                existing.touch()
+                return existing
+            }
+            logger.warning("session's sandbox died; starting a fresh one", metadata: ["identifier": "\(identifier)"])
+            sessions[identifier] = nil
+            await existing.sandbox.destroy()
+            if let again = sessions[identifier], again.sandbox.isAlive { return again }
+        }
+        if let pending = allocating[identifier] {
+            return try await pending.value
+        }
+        guard !shuttingDown else {
+            throw SandpiperError(.unavailable, "pool '\(configuration.name)' is shutting down")
+        }
+        guard sessions.count + allocating.count < configuration.maxConcurrentSessions else {
+            throw SandpiperError(
+                .maxSessionsReached,
+                "session pool '\(configuration.name)' has reached its maximum of "
+                    + "\(configuration.maxConcurrentSessions) concurrent sessions; retry after a session idles out "
+                    + "or delete one"
+            )
+        }
+        // Owned through `allocating` until it completes; every waiter awaits the same task.
+        let task = Task { try await self.allocate(identifier) }
+        allocating[identifier] = task
+        defer { allocating[identifier] = nil }
+        return try await task.value
+    }
+
+    /// The live session for `identifier` if there is one; never allocates.
+    public func existingSession(for identifier: SessionIdentifier) -> Session? {
+        guard let session = sessions[identifier], session.sandbox.isAlive else { return nil }
+        return session
+    }
+
+    /// Ends a session now (Azure's `DELETE session`). Returns false when there was none.
+    @discardableResult
+    public func removeSession(_ identifier: SessionIdentifier) async -> Bool {
+        guard let session = sessions.removeValue(forKey: identifier) else { return false }
+        logger.info("session deleted", metadata: ["identifier": "\(identifier)", "sandbox": "\(session.sandbox.id)"])
+        await session.sandbox.destroy()
+        return true
+    }
+
+    public var liveSessions: [Session] {
+        sessions.values.sorted { $0.createdAt < $1.createdAt }
+    }
+
+    public var readyCount: Int { ready.count }
+    public var sessionCount: Int { sessions.count }
+
+    private func allocate(_ identifier: SessionIdentifier) async throws -> Session {
+        let sandbox: any Sandbox
+        if let warm = takeReady() {
+            sandbox = warm
+        } else {
+            logger.info("no ready sandbox; starting one on the request path")
+            sandbox = try await launchSandbox()
+        }
+        let session = Session(identifier: identifier, sandbox: sandbox, poolName: configuration.name, now: now)
+        sessions[identifier] = session
+        logger.info("session allocated", metadata: ["identifier": "\(identifier)", "sandbox": "\(sandbox.id)"])
+        requestRefill()
+        return session
+    }
+
+    private func takeReady() -> (any Sandbox)? {
+        while !ready.isEmpty {
+            let candidate = ready.removeFirst()
+            if candidate.isAlive { return candidate }
+            logger.warning("a ready sandbox died while waiting", metadata: ["sandbox": "\(candidate.id)"])
+            Task { await candidate.destroy() }  // detached teardown of an already-dead sandbox
+        }
+        return nil
+    }
+
+    private func launchSandbox() async throws -> any Sandbox {
+        launching += 1
+        defer { launching -= 1 }
+        let spec = SandboxSpec(id: UUID().uuidString.lowercased(), pool: configuration)
+        do {
+            let sandbox = try await backend.launch(spec)
+            lastLaunchError = nil
+            return sandbox
+        } catch let error as SandpiperError {
+            lastLaunchError = error
+            throw error
+        } catch {
+            let wrapped = SandpiperError(.unavailable, "could not start a sandbox: \(error)")
+            lastLaunchError = wrapped
+            throw wrapped
+        }
+    }
+
+    // MARK: Refill
+
+    public nonisolated func requestRefill() {
+        refillSignal.yield()
+    }
+
+    /// Ends the refill loop; sandboxes already started stay until `shutdown()`.
+    public nonisolated func stopRefilling() {
+        refillSignal.finish()
+    }
+
+    private var deficit: Int {
+        shuttingDown ? 0 : max(0, configuration.readySessionInstances - ready.count - launching)
+    }
+
+    private func addReady(_ sandbox: any Sandbox) async {
+        if shuttingDown {
+            await sandbox.destroy()
+        } else {
+            ready.append(sandbox)
+        }
+    }
+
+    /// Brings the ready queue back to `readySessionInstances`, launching up to `parallelism`
+    /// sandboxes at once. Returns false when a launch failed.
+    func refillOnce(parallelism: Int = 2) async -> Bool {
+        var succeeded = true
+        while succeeded, deficit > 0 {
+            let batch = min(deficit, parallelism)
+            launching += batch
+            succeeded = await withTaskGroup(of: Bool.self) { group in
+                for _ in 0..<batch {
+                    group.addTask {
+                        let spec = SandboxSpec(id: UUID().uuidString.lowercased(), pool: self.configuration)
+                        do {
+                            let sandbox = try await self.backend.launch(spec)
+                            await self.addReady(sandbox)
+                            return true
+                        } catch {
+                            await self.recordLaunchFailure(error)
+                            return false
+                        }
+                    }
+                }
+                var all = true
+                for await ok in group { all = all && ok }
+                return all
+            }
+            launching -= batch
+        }
+        return succeeded
+    }
+
+    private func recordLaunchFailure(_ error: any Error) {
+        let wrapped = (error as? SandpiperError) ?? SandpiperError(.unavailable, "could not start a sandbox: \(error)")
+        lastLaunchError = wrapped
+        logger.error("sandbox launch failed", metadata: ["error": "\(wrapped.message)"])
+    }
+
+    /// The refill loop: wakes on demand and retries failures with backoff. Returns when the
+    /// task is cancelled or the pool shuts down.
+    public func runRefiller() async {
+        requestRefill()
+        var backoff: Duration = .milliseconds(500)
+        for await _ in refillRequests {
+            if Task.isCancelled || shuttingDown { break }
+            if await refillOnce() {
+                backoff = .milliseconds(500)
+            } else {
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(30))
+                requestRefill()
+            }
+        }
+    }
+
+    // MARK: Reaping
+
+    /// Destroys sessions idle for longer than the cooldown, and dead ones. Returns the
+    /// identifiers removed.
+    @discardableResult
+    public func reapExpired() async -> [SessionIdentifier] {
+        let cutoff = now().addingTimeInterval(-Double(configuration.cooldownPeriodInSeconds))
+        var victims: [Session] = []
+        for (identifier, session) in sessions {
+            let idle = !session.isBusy && session.lastAccessed < cutoff
+            if idle || !session.sandbox.isAlive {
+                sessions[identifier] = nil
+                victims.append(session)
+            }
+        }
+        let deadReady = ready.filter { !$0.isAlive }
+        ready.removeAll { !$0.isAlive }
+        for session in victims {
+            logger.info(
+                session.sandbox.isAlive ? "session idle past cooldown; destroying" : "session's sandbox died; removing",
+                metadata: ["identifier": "\(session.identifier)", "sandbox": "\(session.sandbox.id)"]
+            )
+            await session.sandbox.destroy()
+        }
+        for sandbox in deadReady { await sandbox.destroy() }
+        if !victims.isEmpty || !deadReady.isEmpty { requestRefill() }
+        return victims.map(\.identifier)
+    }
+
+    // MARK: Shutdown
+
+    /// Stops refilling and destroys every sandbox of the pool.
+    public func shutdown() async {
+        shuttingDown = true
+        refillSignal.finish()
+        for task in allocating.values { _ = try? await task.value }
+        let all = ready + sessions.values.map(\.sandbox)
+        ready.removeAll()
+        sessions.removeAll()
+        await withTaskGroup(of: Void.self) { group in
+            for sandbox in all { group.addTask { await sandbox.destroy() } }
+        }
+        logger.info("pool shut down", metadata: ["destroyed": "\(all.count)"])
+    }
+
+    public var lastError: SandpiperError? { lastLaunchError }
+}

@@ -1,0 +1,11 @@
+import ArgumentParser
+
+@main
+struct Sandpiper: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sandpiper",
+        abstract: "Self-hosted Azure Container Apps Dynamic Sessions: pools of isolated, pre-warmed sandboxes.",
+        subcommands: [Serve.self],
+        defaultSubcommand: Serve.self
+    )
+}

@@ -1,0 +1,127 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Foundation
+import Hummingbird
+import Logging
+import SandpiperAPI
+import SandpiperCore
+import SandpiperSandbox
+import SandpiperSessions
+import SandpiperStore
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the server: the data-plane API on HOST:PORT and one pool per configured pool."
+    )
+
+    @Option(help: "Address to listen on (default 127.0.0.1).") var host: String?
+    @Option(help: "Port to listen on (default 8080; 0 picks a free port).") var port: Int?
+    @Option(help: "JSON config file with server settings and pools (see docs/configuration.md).") var config: String?
+    @Option(name: .customLong("data-dir"), help: "State directory (default /var/lib/sandpiper as root).")
+    var dataDirectory: String?
+    @Option(name: .customLong("python-runtime"), help: "The sandbox Python venv made by `make setup`.")
+    var pythonRuntime: String?
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error.") var logLevel: String?
+    @Option(name: .customLong("port-file"), help: "Write the bound port to this file once listening (for tests).")
+    var portFile: String?
+
+    func run() async throws {
+        var settings = ServerConfiguration()
+        do {
+            let configPath = config ?? ProcessInfo.processInfo.environment["SANDPIPER_CONFIG"]
+            if let configPath { try settings.load(file: configPath) }
+            settings.loadEnvironment()
+            if let host { settings.host = host }
+            if let port { settings.port = port }
+            if let dataDirectory { settings.dataDirectory = dataDirectory }
+            if let pythonRuntime { settings.pythonRuntime = pythonRuntime }
+            if let logLevel { settings.logLevel = logLevel }
+            try settings.validate()
+        } catch let error as SandpiperError {
+            throw ValidationError(error.message)
+        }
+        guard let level = Logger.Level(rawValue: settings.logLevel) else {
+            throw ValidationError("unknown log level '\(settings.logLevel)'")
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "sandpiper")
+        do {
+            try await serve(settings, logger: logger)
+        } catch let error as SandpiperError {
+            logger.critical("cannot start: \(error.message)")
+            throw ExitCode(1)
+        }
+    }
+
+    func serve(_ settings: ServerConfiguration, logger: Logger) async throws {
+        try FileManager.default.createDirectory(atPath: settings.dataDirectory, withIntermediateDirectories: true)
+        chmod(settings.dataDirectory, 0o711)
+        let apiKey = try settings.apiKey ?? APIKeyFile.loadOrCreate(in: settings.dataDirectory)
+        let store = try SQLiteStore(path: settings.dataDirectory + "/sandpiper.sqlite")
+        let backend = try NamespaceBackend(
+            configuration: .init(
+                stateDirectory: settings.dataDirectory,
+                pythonRuntime: settings.pythonRuntime,
+                agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
+                uidRange: settings.uidBase...(settings.uidBase + 9_999),
+                inheritAgentStderr: settings.logLevel == "trace"
+            ),
+            records: store,
+            logger: logger
+        )
+        let pools = settings.pools.map { SessionPool(configuration: $0, backend: backend, logger: logger) }
+        let sessions = SessionManager(pools: pools, backends: [backend], logger: logger)
+        let router = buildRouter(sessions: sessions, apiKey: apiKey)
+        let host = settings.host
+        let portFile = portFile
+        let poolNames = settings.pools.map(\.name)
+        let app = Application(
+            router: router,
+            server: .http1(configuration: .init(idleTimeout: .seconds(75))),
+            configuration: .init(address: .hostname(host, port: settings.port), serverName: "Sandpiper"),
+            services: [sessions],
+            onServerRunning: { channel in
+                let port = channel.localAddress?.port ?? settings.port
+                let base = "http://\(host.contains(":") ? "[\(host)]" : host):\(port)"
+                var lines = ["Sandpiper is listening on \(base)"]
+                for name in poolNames { lines.append("  pool endpoint: \(base)/pools/\(name)") }
+                lines.append("  API key:       \(apiKey)")
+                lines.append("  try: curl -s -X POST '\(base)/pools/\(poolNames[0])/code/execute?identifier=demo-1' "
+                    + "-H 'Authorization: Bearer \(apiKey)' -H 'Content-Type: application/json' "
+                    + "-d '{\"properties\":{\"code\":\"1+1\"}}'")
+                print(lines.joined(separator: "\n"))
+                fflush(nil)
+                if let portFile { try? "\(port)\n".write(toFile: portFile, atomically: true, encoding: .utf8) }
+            },
+            logger: logger
+        )
+        try await app.runService()
+    }
+}
+
+/// The generated API key, kept (mode 0600) in the data directory so restarts keep it.
+enum APIKeyFile {
+    static func loadOrCreate(in directory: String) throws -> String {
+        let path = directory + "/api-key"
+        if let existing = try? String(contentsOfFile: path, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines), existing.utf8.count >= 16
+        {
+            return existing
+        }
+        var generator = SystemRandomNumberGenerator()  // getrandom(2)
+        let bytes = (0..<24).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        let key = "sp-" + bytes.map { String(format: "%02x", $0) }.joined()
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SandpiperError.internalError("cannot write \(path)") }
+        defer { close(fd) }
+        let line = Array((key + "\n").utf8)
+        _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        return key
+    }
+}

@@ -1,0 +1,218 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import SandpiperCore
+
+/// Everything `sandpiper serve` needs, from defaults, then the config file, then the
+/// environment, then flags (later wins). The file is JSON; every key is documented in
+/// docs/configuration.md and unknown keys are refused so that a typo never goes unnoticed.
+struct ServerConfiguration: Sendable {
+    var host = "127.0.0.1"
+    var port = 8080
+    var dataDirectory = ServerConfiguration.defaultDataDirectory
+    var apiKey: String?
+    var logLevel = "info"
+    var pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"]
+        ?? "/var/lib/sandpiper/runtimes/python"
+    var uidBase: UInt32 = 230_000
+    var pools: [PoolConfiguration] = [PoolConfiguration(name: "python")]
+
+    static var defaultDataDirectory: String {
+        if geteuid() == 0 { return "/var/lib/sandpiper" }
+        let home = ProcessInfo.processInfo.environment["HOME"] ?? "/tmp"
+        return home + "/.local/share/sandpiper"
+    }
+
+    /// Applies a JSON config file.
+    mutating func load(file path: String) throws {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw SandpiperError.invalid("cannot read config file \(path)")
+        }
+        let root: JSONValue
+        do {
+            root = try JSONDecoder().decode(JSONValue.self, from: data)
+        } catch {
+            throw SandpiperError.invalid("config file \(path) is not valid JSON: \(error)")
+        }
+        guard case .object(let object) = root else { throw SandpiperError.invalid("config file \(path) must hold a JSON object") }
+        var reader = ConfigObject(object, path: "")
+        if let server = try reader.object("server") {
+            var server = server
+            host = try server.string("host") ?? host
+            port = try server.integer("port") ?? port
+            dataDirectory = try server.string("dataDirectory") ?? dataDirectory
+            apiKey = try server.string("apiKey") ?? apiKey
+            logLevel = try server.string("logLevel") ?? logLevel
+            if let base = try server.integer("sandboxUidBase") { uidBase = UInt32(clamping: base) }
+            try server.finish()
+        }
+        if let runtimes = try reader.object("runtimes") {
+            var runtimes = runtimes
+            pythonRuntime = try runtimes.string("python") ?? pythonRuntime
+            try runtimes.finish()
+        }
+        if let list = try reader.array("pools") {
+            pools = []
+            for (index, item) in list.enumerated() {
+                guard case .object(let fields) = item else {
+                    throw SandpiperError.invalid("config: pools[\(index)] must be an object")
+                }
+                var pool = ConfigObject(fields, path: "pools[\(index)].")
+                pools.append(try Self.pool(&pool))
+                try pool.finish()
+            }
+        }
+        try reader.finish()
+    }
+
+    static func pool(_ reader: inout ConfigObject) throws -> PoolConfiguration {
+        guard let name = try reader.string("name") else { throw SandpiperError.invalid("config: \(reader.path)name is required") }
+        var pool = PoolConfiguration(name: name)
+        if let type = try reader.string("type") { pool.type = try PoolType(caseInsensitive: type) }
+        pool.readySessionInstances = try reader.integer("readySessionInstances") ?? pool.readySessionInstances
+        pool.maxConcurrentSessions = try reader.integer("maxConcurrentSessions") ?? pool.maxConcurrentSessions
+        pool.cooldownPeriodInSeconds = try reader.integer("cooldownPeriodInSeconds") ?? pool.cooldownPeriodInSeconds
+        pool.egressEnabled = try reader.bool("egressEnabled") ?? pool.egressEnabled
+        pool.maxExecutionSeconds = try reader.integer("maxExecutionSeconds") ?? pool.maxExecutionSeconds
+        pool.defaultExecutionSeconds = try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)
+        pool.maxUploadBytes = try reader.size("maxUploadSize") ?? pool.maxUploadBytes
+        if let limits = try reader.object("limits") {
+            var limits = limits
+            pool.limits.memoryBytes = try limits.size("memory") ?? pool.limits.memoryBytes
+            pool.limits.cpus = try limits.double("cpus") ?? pool.limits.cpus
+            pool.limits.pids = try limits.integer("pids") ?? pool.limits.pids
+            pool.limits.diskBytes = try limits.size("disk") ?? pool.limits.diskBytes
+            pool.limits.tmpBytes = try limits.size("tmp") ?? pool.limits.tmpBytes
+            try limits.finish()
+        }
+        try pool.validate()
+        return pool
+    }
+
+    /// Applies `SANDPIPER_*` environment variables.
+    mutating func loadEnvironment(_ environment: [String: String] = ProcessInfo.processInfo.environment) {
+        if let key = environment["SANDPIPER_API_KEY"], !key.isEmpty { apiKey = key }
+        if let dir = environment["SANDPIPER_DATA_DIR"], !dir.isEmpty { dataDirectory = dir }
+        if let level = environment["SANDPIPER_LOG_LEVEL"], !level.isEmpty { logLevel = level }
+    }
+
+    func validate() throws {
+        guard (0...65535).contains(port) else { throw SandpiperError.invalid("port must be between 0 and 65535") }
+        guard !pools.isEmpty else { throw SandpiperError.invalid("config: at least one pool is required") }
+        var seen = Set<String>()
+        for pool in pools {
+            try pool.validate()
+            guard seen.insert(pool.name).inserted else { throw SandpiperError.invalid("config: pool '\(pool.name)' is defined twice") }
+        }
+        if let apiKey, apiKey.utf8.count < 16 {
+            throw SandpiperError.invalid("the API key must be at least 16 characters")
+        }
+    }
+}
+
+/// Reads one JSON object of the config file, remembering which keys were used.
+struct ConfigObject {
+    private let fields: [String: JSONValue]
+    private var used: Set<String> = []
+    let path: String
+
+    init(_ fields: [String: JSONValue], path: String) {
+        self.fields = fields
+        self.path = path
+    }
+
+    private mutating func take(_ key: String) -> JSONValue? {
+        used.insert(key)
+        if case .null? = fields[key] { return nil }
+        return fields[key]
+    }
+
+    private func wrong(_ key: String, _ expected: String) -> SandpiperError {
+        SandpiperError.invalid("config: \(path)\(key) must be \(expected)")
+    }
+
+    mutating func string(_ key: String) throws -> String? {
+        switch take(key) {
+        case nil: return nil
+        case .string(let value)?: return value
+        default: throw wrong(key, "a string")
+        }
+    }
+
+    mutating func integer(_ key: String) throws -> Int? {
+        switch take(key) {
+        case nil: return nil
+        case .integer(let value)?: return Int(clamping: value)
+        case .number(let value)? where value.rounded() == value && abs(value) < 1e15: return Int(value)
+        default: throw wrong(key, "an integer")
+        }
+    }
+
+    mutating func double(_ key: String) throws -> Double? {
+        switch take(key) {
+        case nil: return nil
+        case .integer(let value)?: return Double(value)
+        case .number(let value)?: return value
+        default: throw wrong(key, "a number")
+        }
+    }
+
+    mutating func bool(_ key: String) throws -> Bool? {
+        switch take(key) {
+        case nil: return nil
+        case .bool(let value)?: return value
+        default: throw wrong(key, "true or false")
+        }
+    }
+
+    /// Bytes as a number or a string with a unit: "512Mi", "1Gi", "128MB", "64k".
+    mutating func size(_ key: String) throws -> Int64? {
+        switch take(key) {
+        case nil: return nil
+        case .integer(let value)?: return value
+        case .string(let text)?:
+            guard let bytes = Self.parseSize(text) else { throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes") }
+            return bytes
+        default: throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes")
+        }
+    }
+
+    mutating func object(_ key: String) throws -> ConfigObject? {
+        switch take(key) {
+        case nil: return nil
+        case .object(let value)?: return ConfigObject(value, path: path + key + ".")
+        default: throw wrong(key, "an object")
+        }
+    }
+
+    mutating func array(_ key: String) throws -> [JSONValue]? {
+        switch take(key) {
+        case nil: return nil
+        case .array(let value)?: return value
+        default: throw wrong(key, "an array")
+        }
+    }
+
+    func finish() throws {
+        let unknown = Set(fields.keys).subtracting(used).sorted()
+        if let first = unknown.first {
+            throw SandpiperError.invalid("config: unknown key '\(path)\(first)'")
+        }
+    }
+
+    static func parseSize(_ text: String) -> Int64? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let digits = trimmed.prefix { $0.isNumber || $0 == "." }
+        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
+        guard let number = Double(digits), number >= 0 else { return nil }
+        let multipliers: [String: Double] = [
+            "": 1, "b": 1, "k": 1e3, "kb": 1e3, "ki": 1024, "kib": 1024, "m": 1e6, "mb": 1e6, "mi": 1_048_576,
+            "mib": 1_048_576, "g": 1e9, "gb": 1e9, "gi": 1_073_741_824, "gib": 1_073_741_824,
+        ]
+        guard let multiplier = multipliers[unit] else { return nil }
+        let value = number * multiplier
+        guard value < 9e18 else { return nil }
+        return Int64(value)
+    }
+}
