@@ -95,6 +95,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Fakes for unit tests: an in-memory sandbox backend. Never linked into the server.
+        .target(
+            name: "SandpiperTestSupport",
+            dependencies: ["SandpiperCore"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "SandpiperCoreTests",
             dependencies: ["SandpiperCore"],
@@ -102,7 +108,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SandpiperSessionsTests",
-            dependencies: ["SandpiperCore", "SandpiperSessions"],
+            dependencies: ["SandpiperCore", "SandpiperSessions", "SandpiperTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -113,7 +119,7 @@ let package = Package(
         .testTarget(
             name: "SandpiperAPITests",
             dependencies: [
-                "SandpiperCore", "SandpiperSessions", "SandpiperAPI", "SandpiperStore",
+                "SandpiperCore", "SandpiperSessions", "SandpiperAPI", "SandpiperStore", "SandpiperTestSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
             ],

@@ -10,7 +10,6 @@ import os
 import select
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +52,9 @@ class AgentProcess:
         self.stderr_file = tempfile.TemporaryFile()
         # A tiny exec shim (same interpreter) puts the pipe ends on fd 3/4.
         self.proc = subprocess.Popen(
-            [python, "-c", FD_SHIM, str(req_r), str(resp_w), python, str(AGENT)],
+            # Same interpreter flags as the host (NamespaceSandbox.swift).
+            [python, "-c", FD_SHIM, str(req_r), str(resp_w),
+             python, "-I", "-X", "frozen_modules=on", str(AGENT)],
             cwd=str(cwd),
             env=env,
             stdin=subprocess.DEVNULL,

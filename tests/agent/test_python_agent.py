@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import signal
-import struct
 import threading
 import time
 
@@ -180,6 +179,15 @@ def test_exception_traceback(agent):
     assert "NameError" in r["stderr"] and "\x1b" not in r["stderr"]
 
 
+def test_deep_recursion_traceback_is_fast(agent):
+    start = time.monotonic()
+    r = failed(agent.execute("def rec(n):\n    return rec(n + 1)\nrec(0)", timeout_seconds=20))
+    assert time.monotonic() - start < 5
+    assert r["timedOut"] is False
+    assert r["stderr"].rstrip().endswith("RecursionError: maximum recursion depth exceeded")
+    assert "repeated" in r["stderr"]
+
+
 def test_traceback_after_user_stderr(agent):
     r = failed(agent.execute("import sys\nsys.stderr.write('user-err\\n')\n1/0"))
     assert r["stderr"].startswith("user-err\n")
@@ -221,6 +229,13 @@ def test_subprocess_output_captured(agent):
 def test_stdin_is_eof(agent):
     r = failed(agent.execute("input()"))
     assert "EOFError" in r["stderr"]
+
+
+def test_pkg_resources_import(agent):
+    if not has_module(agent, "pkg_resources"):
+        pytest.skip("setuptools/pkg_resources not installed in the runtime")
+    r = ok(agent.execute("import pkg_resources\n'ok'"))
+    assert r["result"] == "ok"
 
 
 def test_cwd_is_sandbox_cwd(agent):

@@ -401,6 +401,37 @@ def image_from_bundle(data):
     return None
 
 
+DEEP_TRACEBACK = 100
+_AGENT_FILE = os.path.abspath(__file__)
+
+
+def traceback_depth(value, tb, limit=DEEP_TRACEBACK + 1):
+    """Frames in tb plus those of chained exceptions, counted up to `limit`."""
+    depth = 0
+    seen = set()
+    while True:
+        while tb is not None and depth < limit:
+            depth += 1
+            tb = tb.tb_next
+        if depth >= limit or value is None or id(value) in seen:
+            return depth
+        seen.add(id(value))
+        value = value.__cause__ or value.__context__
+        tb = getattr(value, "__traceback__", None)
+
+
+def _internal_frame(tb):
+    name = tb.tb_frame.f_code.co_filename
+    return (name == _AGENT_FILE or os.sep + "IPython" + os.sep in name
+            or name.startswith("<frozen"))
+
+
+def plain_traceback(etype, value, tb):
+    while tb is not None and _internal_frame(tb):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(etype, value, tb))
+
+
 def figure_has_content(fig):
     return bool(getattr(fig, "axes", None) or getattr(fig, "lines", None)
                 or getattr(fig, "images", None) or getattr(fig, "texts", None)
@@ -473,6 +504,11 @@ def make_ipython_shell(agent):
             # would then grow without bound.  We capture at the fd level.
             yield
 
+        def _format_exception_for_storage(self, exception, *args, **kwargs):
+            # IPython 9 formats every exception a second time for its history
+            # (slow for deep tracebacks, and kept in memory). Not needed here.
+            return {"ename": type(exception).__name__, "evalue": "", "traceback": []}
+
         def _showtraceback(self, etype, evalue, stb):
             try:
                 text = self.InteractiveTB.stb2text(stb)
@@ -480,12 +516,25 @@ def make_ipython_shell(agent):
                 text = "".join(traceback.format_exception(etype, evalue, None))
             agent.on_traceback(text)
 
-        def showtraceback(self, *args, **kwargs):
-            agent.formatting_traceback = True
+        def showtraceback(self, exc_tuple=None, filename=None, tb_offset=None,
+                          exception_only=False, running_compiled_code=False):
+            agent.formatting_since = time.monotonic()
             try:
-                return super().showtraceback(*args, **kwargs)
+                if not exception_only:
+                    # IPython's formatter needs seconds for deep tracebacks
+                    # (e.g. RecursionError); use the stdlib formatter there.
+                    try:
+                        etype, value, tb = self._get_exc_info(exc_tuple)
+                    except Exception:
+                        etype = value = tb = None
+                    if (etype is not None and not issubclass(etype, SyntaxError)
+                            and traceback_depth(value, tb) > DEEP_TRACEBACK):
+                        agent.on_traceback(plain_traceback(etype, value, tb))
+                        return None
+                return super().showtraceback(exc_tuple, filename, tb_offset,
+                                             exception_only, running_compiled_code)
             finally:
-                agent.formatting_traceback = False
+                agent.formatting_since = None
 
         def ask_exit(self):
             raise SystemExit()
@@ -550,6 +599,22 @@ class PlainResult:
         return self.error_before_exec is None and self.error_in_exec is None
 
 
+def _ends_with_semicolon(code):
+    """True if the last token of code is ';' (output suppression, as in IPython)."""
+    import tokenize
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    skip = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT,
+            tokenize.INDENT, tokenize.DEDENT)
+    for tok in reversed(tokens):
+        if tok.type in skip:
+            continue
+        return tok.type == tokenize.OP and tok.string == ";"
+    return False
+
+
 class PlainShell:
     """Minimal stand-in for IPython when it is not installed."""
 
@@ -589,7 +654,7 @@ class PlainShell:
             return res
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(code):
             last = ast.Expression(tree.body.pop().value)
         try:
             exec(compile(tree, filename, "exec"), self.user_ns)
@@ -646,7 +711,8 @@ class Watchdog(threading.Thread):
         main_ident = threading.main_thread().ident
         while not self.done.is_set():
             agent = self.agent
-            if agent.executing and not agent.formatting_traceback:
+            since = agent.formatting_since
+            if agent.executing and (since is None or time.monotonic() - since > 2.0):
                 self.interrupted = True
                 try:
                     signal.pthread_kill(main_ident, signal.SIGINT)
@@ -678,7 +744,7 @@ class Agent:
         self.ipython = False
         self.cell = None
         self.executing = False
-        self.formatting_traceback = False
+        self.formatting_since = None  # set while IPython formats a traceback
 
     # -- hooks called by the shell ------------------------------------------
 
@@ -1013,7 +1079,7 @@ class Agent:
         hm = getattr(self.shell, "history_manager", None)
         if hm is None:
             return
-        for attr in ("outputs", "output_hist_reprs"):
+        for attr in ("outputs", "output_hist_reprs", "exceptions"):
             d = getattr(hm, attr, None)
             if isinstance(d, dict):
                 try:
@@ -1172,9 +1238,11 @@ def setup_process():
     return Channel(rfd, wfd)
 
 
+# IPython installs its own module as sys.modules["__main__"]; keep ours alive.
+_THIS_MODULE = sys.modules.get(__name__)
+
+
 def main():
-    # IPython installs its own module as sys.modules["__main__"]; keep ours alive.
-    this_module = sys.modules.get(__name__)  # noqa: F841
     channel = setup_process()
     agent = Agent(channel)
     signal.signal(signal.SIGINT, ignore_sigint)

@@ -1,0 +1,167 @@
+"""End-to-end fixtures: one real `sandpiper serve` for the whole test session.
+
+The server binary comes from SANDPIPER_BIN (default <repo>/.build/debug/sandpiper); it runs as
+root (it needs to mount, make cgroups and switch uids), listens on 127.0.0.1 on a free port and
+keeps its state in a temporary directory. On teardown the server gets SIGTERM and the fixture
+checks that it exited, that none of its mounts are left and that no process of a sandbox uid
+survived.
+
+Pools (see POOLS below):
+  python  ready 2, max 8, cooldown 300 s: the pool most tests use. With max 8 and no session
+          delete, the whole suite must stay at <= 8 live identifiers on it; the tests share one
+          session (`shared_id`) and use a fresh uuid only where a test needs a session of its own.
+  tiny    ready 1, max 1, cooldown 3 s, uploads <= 1 MiB: cap, reap and upload-limit tests.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import SANDBOX_UIDS, TINY_COOLDOWN, Api, Server
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
+API_KEY = "e2e-" + uuid.uuid4().hex  # >= 16 characters
+
+POOLS = [
+    {"name": "python", "readySessionInstances": 2, "maxConcurrentSessions": 8, "cooldownPeriodInSeconds": 300},
+    {
+        "name": "tiny",
+        "readySessionInstances": 1,
+        "maxConcurrentSessions": 1,
+        "cooldownPeriodInSeconds": TINY_COOLDOWN,
+        "maxUploadSize": "1Mi",  # TINY_UPLOAD_LIMIT
+    },
+]
+
+
+def sandbox_pids():
+    """PIDs of processes running as a sandbox uid (230000-239999)."""
+    out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, uid = line.split()
+        if int(uid) in SANDBOX_UIDS:
+            pids.append(int(pid))
+    return pids
+
+
+def mounts_under(directory):
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if (" " + str(directory) + "/") in line or (" " + str(directory) + " ") in line]
+
+
+def _wait_for_port(port_file, proc, log_path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("sandpiper exited with %s before listening:\n%s" % (proc.returncode, Path(log_path).read_text()))
+        try:
+            text = Path(port_file).read_text().strip()
+            if text:
+                return int(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    pytest.fail("sandpiper did not write its port file within %d s:\n%s" % (timeout, Path(log_path).read_text()))
+
+
+def _wait_for_warm_pools(server, want, timeout):
+    """Waits until `want` sandboxes have logged "sandbox ready" (the initial pool fill), so the
+    first tests measure the server and not the cold start of 3 sandboxes on 2 cores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.log().count("sandbox ready") >= want:
+            return
+        if server.proc.poll() is not None:
+            pytest.fail("sandpiper exited with %s:\n%s" % (server.proc.returncode, server.log()))
+        time.sleep(0.2)
+    pytest.fail("pools did not warm up within %d s:\n%s" % (timeout, server.log()[-20000:]))
+
+
+@pytest.fixture(scope="session")
+def server():
+    binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
+    # The lead rebuilds from time to time: give a briefly missing binary a moment.
+    for _ in range(60):
+        if os.path.exists(binary):
+            break
+        time.sleep(1)
+    if not os.path.exists(binary):
+        pytest.fail("sandpiper binary not found at %s (set SANDPIPER_BIN)" % binary)
+    if os.geteuid() != 0:
+        pytest.skip("the e2e tests run the server as root")
+
+    tmp = tempfile.mkdtemp(prefix="sandpiper-e2e-")
+    # mkdtemp makes 0700; the sandbox uids must traverse it to reach their bind-mounted data.
+    os.chmod(tmp, 0o711)
+    data_dir = os.path.join(tmp, "data")
+    config = os.path.join(tmp, "config.json")
+    with open(config, "w") as f:
+        json.dump({"pools": POOLS}, f)
+    port_file = os.path.join(tmp, "port")
+    log_path = os.path.join(tmp, "server.log")
+    env = dict(os.environ, SANDPIPER_API_KEY=API_KEY)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [binary, "serve", "--data-dir", data_dir, "--port", "0", "--port-file", port_file,
+         "--config", config, "--log-level", "debug"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    srv = None
+    try:
+        port = _wait_for_port(port_file, proc, log_path, timeout=120)
+        srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
+        assert API_KEY in srv.log(), "the server does not print its API key"
+        _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=120)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+        log.close()
+        text = Path(log_path).read_text(errors="replace")
+        leftover_mounts = mounts_under(data_dir)
+        # Sandbox processes are killed by the server; give the kernel a moment to reap them.
+        deadline = time.monotonic() + 10
+        leftover = sandbox_pids()
+        while leftover and time.monotonic() < deadline:
+            time.sleep(0.2)
+            leftover = sandbox_pids()
+        if not leftover_mounts:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert rc is not None, "sandpiper did not exit within 60 s of SIGTERM:\n" + text[-5000:]
+        assert rc == 0, "sandpiper exited with %s after SIGTERM:\n%s" % (rc, text[-5000:])
+        assert not leftover_mounts, "mounts left under %s: %s" % (data_dir, leftover_mounts)
+        assert not leftover, "sandbox-uid processes left after shutdown: %s" % leftover
+
+
+@pytest.fixture(scope="session")
+def api(server):
+    return Api(server)
+
+
+@pytest.fixture(scope="session")
+def shared_id(api):
+    """One python-pool session shared by the tests that need no session of their own (the pool
+    allows 8); tests use unique variable and file names in it."""
+    identifier = "e2e-shared-" + str(uuid.uuid4())
+    props = api.execute(identifier, "shared_marker = 1234\nshared_marker + 1")
+    assert props["result"] == 1235
+    return identifier

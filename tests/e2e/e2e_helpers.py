@@ -1,0 +1,101 @@
+"""Helpers shared by the e2e tests (imported by conftest.py and the test modules)."""
+
+import uuid
+from pathlib import Path
+
+import requests
+
+API_VERSION = "2024-02-02-preview"
+SANDBOX_UIDS = range(230000, 240000)
+TINY_COOLDOWN = 3
+TINY_UPLOAD_LIMIT = 1 << 20  # "1Mi"
+
+
+class Server:
+    def __init__(self, base, key, data_dir, log_path, proc):
+        self.base = base
+        self.key = key
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.proc = proc
+
+    def log(self):
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def pool_url(self, pool="python"):
+        return "%s/pools/%s" % (self.base, pool)
+
+    def arm_url(self, pool="python"):
+        return "%s/subscriptions/s/resourceGroups/g/sessionPools/%s" % (self.base, pool)
+
+
+class Api:
+    """A thin requests wrapper for the legacy data plane (one keep-alive connection pool)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = "Bearer " + server.key
+
+    def url(self, op, identifier=None, pool="python", base=None, extra=""):
+        root = base or self.server.pool_url(pool)
+        query = "api-version=" + API_VERSION
+        if identifier is not None:
+            query += "&identifier=" + requests.utils.quote(identifier, safe="")
+        return "%s/%s?%s%s" % (root, op, query, extra)
+
+    def execute_raw(self, identifier, code, pool="python", timeout=None, flat=False, op="code/execute", **kw):
+        props = {"codeInputType": "inline", "executionType": "synchronous", "code": code}
+        if timeout is not None:
+            props["timeoutInSeconds"] = timeout
+        body = props if flat else {"properties": props}
+        return self.http.post(self.url(op, identifier, pool), json=body, timeout=120, **kw)
+
+    def execute(self, identifier, code, pool="python", **kw):
+        """Runs code; asserts a 200 with the legacy envelope and returns `properties`."""
+        r = self.execute_raw(identifier, code, pool=pool, **kw)
+        assert r.status_code == 200, (r.status_code, r.text)
+        body = r.json()
+        assert body["$id"] == "1"
+        return body["properties"]
+
+    def upload(self, identifier, name, data, pool="python", op="files/upload", **kw):
+        return self.http.post(
+            self.url(op, identifier, pool),
+            files={"file": (name, data, "application/octet-stream")},
+            timeout=120,
+            **kw,
+        )
+
+    def list_files(self, identifier, pool="python"):
+        r = self.http.get(self.url("files", identifier, pool), timeout=60)
+        assert r.status_code == 200, (r.status_code, r.text)
+        return {v["properties"]["filename"]: v["properties"] for v in r.json()["value"]}
+
+    def download(self, identifier, name, pool="python"):
+        quoted = requests.utils.quote(name, safe="/")
+        return self.http.get(self.url("files/content/" + quoted, identifier, pool), timeout=120)
+
+
+def new_id(tag="t"):
+    return "e2e-%s-%s" % (tag, uuid.uuid4())
+
+
+def png_size(data):
+    """(width, height) from a PNG's IHDR chunk; asserts the signature."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def error_code(response):
+    """Asserts a JSON error body with x-ms-error-code and returns the code."""
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.headers
+    body = response.json()
+    code = body["error"]["code"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert response.headers.get("x-ms-error-code") == code
+    return code
