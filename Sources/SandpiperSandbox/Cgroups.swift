@@ -93,10 +93,21 @@ public struct CgroupSetup: Sendable, Equatable {
     }
 
     /// Reads the running system's layout.
-    public static func detectHost() throws(SandpiperError) -> CgroupSetup {
+    public static func detectHost(groupName: String = "sandpiper") throws(SandpiperError) -> CgroupSetup {
         let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
         let selfCgroup = (try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) ?? ""
-        return try detect(mountinfo: mountinfo, selfCgroup: selfCgroup)
+        return try detect(mountinfo: mountinfo, selfCgroup: selfCgroup, groupName: groupName)
+    }
+
+    /// The parent group's name for a data directory: servers with different data directories
+    /// never touch each other's sandboxes, and a restart finds its predecessor's.
+    public static func groupName(forStateDirectory path: String) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in path.utf8 {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x100_0000_01b3
+        }
+        return "sandpiper-" + String(hash, radix: 16).prefix(12)
     }
 
     /// The directories of one sandbox's groups.
@@ -184,19 +195,44 @@ public struct CgroupSetup: Sendable, Equatable {
         return all.sorted()
     }
 
-    /// SIGKILLs every process of the sandbox until none is left (a fork bomb keeps forking
-    /// while we kill, so repeat), then removes the groups. Safe to call more than once.
-    public func killAndRemove(sandboxID: String) {
+    /// How many times the kernel's OOM killer struck inside the sandbox.
+    public func oomKills(sandboxID: String) -> Int {
+        let file: String
+        switch version {
+        case .v1: file = (bases["memory"] ?? "") + "/" + sandboxID + "/memory.oom_control"
+        case .v2: file = (bases["unified"] ?? "") + "/" + sandboxID + "/memory.events"
+        }
+        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { return 0 }
+        for line in text.split(separator: "\n") where line.hasPrefix("oom_kill ") {
+            return Int(line.dropFirst("oom_kill ".count)) ?? 0
+        }
+        return 0
+    }
+
+    /// SIGKILLs every process of the sandbox until none is left but zombies (a fork bomb keeps
+    /// forking while we kill, so repeat), then removes the groups. Safe to call more than once.
+    /// `reap` is called between rounds so the caller can collect its own exited child.
+    public func killAndRemove(sandboxID: String, reap: () -> Void = {}) {
         if version == .v2, let base = bases["unified"] {
             try? write("1", to: base + "/" + sandboxID + "/cgroup.kill", optional: true)
         }
-        for round in 0..<200 {
-            let pids = pids(sandboxID: sandboxID)
-            if pids.isEmpty { break }
-            for pid in pids { kill(pid, SIGKILL) }
-            usleep(round < 10 ? 1000 : 10_000)
+        for round in 0..<300 {
+            reap()
+            let living = pids(sandboxID: sandboxID).filter { !Self.isZombie($0) }
+            if living.isEmpty { break }
+            for pid in living { kill(pid, SIGKILL) }
+            usleep(round < 20 ? 500 : 10_000)
         }
+        reap()
         remove(sandboxID: sandboxID)
+    }
+
+    static func isZombie(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return true }  // gone already
+        let rest = stat[stat.index(after: close)...].drop { $0 == " " }
+        return rest.first == "Z" || rest.first == "X"
     }
 
     /// Removes the groups (they must be empty). Retries briefly while exiting tasks drain.

@@ -107,7 +107,7 @@ public final class NamespaceBackend: SandboxBackend {
                 "the guest agents are missing at \(configuration.agentsDirectory)"
             )
         }
-        self.cgroups = try cgroups ?? CgroupSetup.detectHost()
+        self.cgroups = try cgroups ?? CgroupSetup.detectHost(groupName: CgroupSetup.groupName(forStateDirectory: configuration.stateDirectory))
         try self.cgroups.prepare()
         try FileManager.default.createDirectory(atPath: configuration.stateDirectory + "/sessions", withIntermediateDirectories: true)
         chmod(configuration.stateDirectory, 0o711)
@@ -192,7 +192,8 @@ public final class NamespaceBackend: SandboxBackend {
         var cleaned = 0
         let known = (try? await records.records(backend: Self.name)) ?? []
         for record in known {
-            removeTraces(id: record.id, pid: record.pid, directory: record.directory, cgroupDirectories: record.cgroupDirectories)
+            // A pid from an earlier run is not our child; only the kill matters here.
+            removeTraces(id: record.id, pid: 0, directory: record.directory, cgroupDirectories: record.cgroupDirectories)
             try? await records.removeRecord(id: record.id)
             cleaned += 1
         }
@@ -213,8 +214,14 @@ public final class NamespaceBackend: SandboxBackend {
     }
 
     /// Kills processes, removes cgroups, unmounts and deletes the sandbox directory.
-    func removeTraces(id: String, pid: Int32, directory: String, cgroupDirectories: [String]) {
-        cgroups.killAndRemove(sandboxID: id)
+    /// Returns false when `pid` (our child) has not been reaped yet; the caller must wait for it.
+    @discardableResult
+    func removeTraces(id: String, pid: Int32, directory: String, cgroupDirectories: [String]) -> Bool {
+        var reaped = pid <= 0
+        if pid > 0 { kill(pid, SIGKILL) }
+        cgroups.killAndRemove(sandboxID: id) {
+            if !reaped { reaped = ChildProcess.reapIfExited(pid) }
+        }
         // Groups recorded under another parent (the server may run in another cgroup now).
         for dir in cgroupDirectories where !cgroups.directories(for: id).contains(dir) {
             for round in 0..<200 {
@@ -226,14 +233,11 @@ public final class NamespaceBackend: SandboxBackend {
             }
             rmdir(dir)
         }
-        if pid > 0 {
-            kill(pid, SIGKILL)
-            _ = ChildProcess.reapIfExited(pid)
-        }
         let data = directory + "/data"
         for _ in 0..<3 {
             if umount2(data, Int32(MNT_DETACH)) != 0 { break }
         }
         try? FileManager.default.removeItem(atPath: directory)
+        return reaped
     }
 }

@@ -17,6 +17,7 @@ final class NamespaceSandbox: Sandbox {
     private let backend: NamespaceBackend
     private let destroyed = Mutex(false)
     private let logger: Logger
+    private let memoryLimit: Int64
 
     /// Time the host grants past the execution timeout for the agent to interrupt the code and
     /// answer before it is declared hung and the sandbox is killed.
@@ -29,8 +30,10 @@ final class NamespaceSandbox: Sandbox {
         directory: String,
         agent: AgentChannel,
         backend: NamespaceBackend,
+        memoryLimit: Int64,
         logger: Logger
     ) {
+        self.memoryLimit = memoryLimit
         self.id = id
         self.uid = uid
         self.pid = pid
@@ -69,8 +72,9 @@ final class NamespaceSandbox: Sandbox {
         var openFDs: [Int32] = []
         func undo() async {
             for fd in openFDs { close(fd) }
-            backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: record.cgroupDirectories)
-            if pid > 0 { _ = await ChildProcess.waitForExit(pid) }
+            if !backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: record.cgroupDirectories) {
+                _ = await ChildProcess.waitForExit(pid)
+            }
             try? await backend.records.removeRecord(id: id)
             backend.releaseUID(uid)
         }
@@ -118,6 +122,7 @@ final class NamespaceSandbox: Sandbox {
                 directory: directory,
                 agent: agent,
                 backend: backend,
+                memoryLimit: limits.memoryBytes,
                 logger: logger
             )
             do {
@@ -224,7 +229,16 @@ final class NamespaceSandbox: Sandbox {
             )
         } catch let error as SandpiperError {
             logger.warning("agent failed; destroying the sandbox", metadata: ["error": "\(error.message)"])
+            let outOfMemory = backend.cgroups.oomKills(sandboxID: id) > 0
             await destroy()
+            if outOfMemory {
+                throw SandpiperError(
+                    .sandboxFailure,
+                    code: "SessionOutOfMemory",
+                    "the session ran out of memory (limit \(memoryLimit >> 20) MiB) and was terminated; the next call "
+                        + "gets a fresh session"
+                )
+            }
             if error.kind == .timeout {
                 throw SandpiperError(
                     .sandboxFailure,
@@ -294,8 +308,9 @@ final class NamespaceSandbox: Sandbox {
         guard !already else { return }
         agent.fail(SandpiperError(.sandboxFailure, code: "SessionEnded", "the session was ended"))
         let cgroupDirectories = backend.cgroups.directories(for: id)
-        backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: cgroupDirectories)
-        _ = await ChildProcess.waitForExit(pid)
+        if !backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: cgroupDirectories) {
+            _ = await ChildProcess.waitForExit(pid)
+        }
         try? await backend.records.removeRecord(id: id)
         backend.releaseUID(uid)
         logger.debug("sandbox destroyed")

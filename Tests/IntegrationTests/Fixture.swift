@@ -1,0 +1,121 @@
+import Foundation
+import Logging
+import SandpiperCore
+import SandpiperSessions
+import Testing
+
+@testable import SandpiperSandbox
+
+/// Integration tests start real bubblewrap sandboxes with the real Python runtime. They run
+/// when SANDPIPER_INTEGRATION=1 (as `make test` sets it); then a missing prerequisite fails
+/// the test instead of skipping it.
+let integrationEnabled = ProcessInfo.processInfo.environment["SANDPIPER_INTEGRATION"] == "1"
+
+let pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"] ?? "/var/lib/sandpiper/runtimes/python"
+
+/// One backend with its own state directory and uid range, torn down after the test.
+final class Fixture: Sendable {
+    let stateDirectory: String
+    let backend: NamespaceBackend
+    let records: InMemorySandboxRecordStore
+    let logger = Logger(label: "integration", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    init(records: InMemorySandboxRecordStore = InMemorySandboxRecordStore(), stateDirectory: String? = nil) throws {
+        self.stateDirectory = stateDirectory ?? "/tmp/sandpiper-it-" + UUID().uuidString.prefix(8).lowercased()
+        self.records = records
+        let base = UInt32.random(in: 0..<400) * 100 + 300_000
+        backend = try NamespaceBackend(
+            configuration: .init(
+                stateDirectory: self.stateDirectory,
+                pythonRuntime: pythonRuntime,
+                agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
+                uidRange: base...(base + 99)
+            ),
+            records: records,
+            logger: logger
+        )
+    }
+
+    static func pool(
+        name: String = "it",
+        memory: Int64 = 512 << 20,
+        pids: Int = 64,
+        disk: Int64 = 64 << 20,
+        egress: Bool = false,
+        cooldown: Int = 300
+    ) -> PoolConfiguration {
+        PoolConfiguration(
+            name: name,
+            readySessionInstances: 0,
+            maxConcurrentSessions: 10,
+            cooldownPeriodInSeconds: cooldown,
+            egressEnabled: egress,
+            limits: SessionLimits(memoryBytes: memory, cpus: 1, pids: pids, diskBytes: disk, tmpBytes: 64 << 20)
+        )
+    }
+
+    func launch(_ pool: PoolConfiguration = Fixture.pool()) async throws -> NamespaceSandbox {
+        let sandbox = try await backend.launch(SandboxSpec(id: UUID().uuidString.lowercased(), pool: pool))
+        return try #require(sandbox as? NamespaceSandbox)
+    }
+
+    /// Processes still running as one of this fixture's uids.
+    func processes(uid: UInt32) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { Int32($0) }.filter { pid in
+            guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return false }
+            return status.split(separator: "\n").contains { $0.hasPrefix("Uid:") && $0.split(separator: "\t").dropFirst().first == Substring("\(uid)") }
+        }
+    }
+
+    func mounts(under path: String) -> [String] {
+        let text = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count > 4 else { return nil }
+            let point = String(fields[4])
+            return point.hasPrefix(path) ? point : nil
+        }
+    }
+
+    /// Asserts that nothing of the sandbox is left on the host.
+    func expectNoTraces(of sandbox: NamespaceSandbox, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        var leftovers: [Int32] = []
+        for _ in 0..<100 {
+            leftovers = processes(uid: sandbox.uid)
+            if leftovers.isEmpty { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(leftovers.isEmpty, "processes left: \(leftovers)", sourceLocation: sourceLocation)
+        #expect(mounts(under: sandbox.directory).isEmpty, "mounts left", sourceLocation: sourceLocation)
+        #expect(!FileManager.default.fileExists(atPath: sandbox.directory), "session directory left", sourceLocation: sourceLocation)
+        for dir in backend.cgroups.directories(for: sandbox.id) {
+            #expect(!FileManager.default.fileExists(atPath: dir), "cgroup left: \(dir)", sourceLocation: sourceLocation)
+        }
+        #expect(try await records.records(backend: NamespaceBackend.name).allSatisfy { $0.id != sandbox.id }, sourceLocation: sourceLocation)
+    }
+
+    func tearDown() async {
+        await backend.cleanupLeftovers()
+        for base in backend.cgroups.bases.values { rmdir(base) }
+        try? FileManager.default.removeItem(atPath: stateDirectory)
+    }
+}
+
+extension Sandbox {
+    func run(_ code: String, timeout: Double = 30, outputLimit: Int = 1 << 20) async throws -> ExecutionOutcome {
+        try await execute(ExecutionRequest(code: code, timeoutSeconds: timeout, outputLimit: outputLimit))
+    }
+}
+
+/// Runs `body` with a fresh fixture and always tears it down.
+func withFixture(_ body: (Fixture) async throws -> Void) async throws {
+    let fixture = try Fixture()
+    do {
+        try await body(fixture)
+    } catch {
+        await fixture.tearDown()
+        throw error
+    }
+    await fixture.tearDown()
+}

@@ -1,0 +1,805 @@
+#!/usr/bin/env python3
+"""Sandpiper benchmark: starts the real server and prints a markdown table.
+
+    python3 bench/bench.py [--quick] [--bin PATH] [--json out.json] [--no-jupyter]
+
+Measures, against one pool (`bench`, readySessionInstances = --ready):
+  1. warm `1+1` over HTTP on one existing session: p50/p90/p99, and throughput with 4
+     concurrent sessions for --duration seconds;
+  2. new identifier -> first result with a warm pool (sequential, waiting for a full pool
+     before each call): p50/p99;
+  3. refill rate: allocate --ready identifiers at once, then time the "sandbox ready" log lines
+     (the server runs at log level debug; each line is timestamped on arrival here);
+  4. memory per idle session: MemAvailable before/after --idle sessions that each ran `x=1`,
+     with the pool full on both sides (and the PSS of sandbox-uid processes, for comparison).
+Baselines in the same run:
+  a. a fresh bubblewrap sandbox per request (`python -c 'print(1+1)'`, and with
+     `import numpy, pandas, matplotlib` for what a cold start costs), as an unprivileged uid;
+  b. Jupyter Kernel Gateway (a throwaway venv with jupyter_kernel_gateway + ipykernel +
+     websocket-client, made on first use at --bench-venv), over its REST + websocket API, and
+     jupyter_client's BlockingKernelClient straight over ZMQ. Those kernels are not sandboxed.
+
+Stdlib only (http.client keep-alive connections, threading, statistics): runs with any python3.
+Needs root, like the server. Cleans up (server SIGTERM, gateway, temp dirs) even on Ctrl-C.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_VERSION = "2024-02-02-preview"
+SANDBOX_UIDS = range(230000, 240000)
+DEFAULT_RUNTIME = "/var/lib/sandpiper/runtimes/python"
+DEFAULT_BENCH_VENV = "/var/lib/sandpiper/bench-venv"
+
+
+def log(msg):
+    print("[bench %6.1fs] %s" % (time.monotonic() - T0, msg), file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+def pct(values, p):
+    """The p-th percentile (inclusive method; the max for tiny samples)."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def ms(seconds):
+    return seconds * 1000.0
+
+
+def summary(samples):
+    return {
+        "n": len(samples),
+        "p50_ms": ms(pct(samples, 50)),
+        "p90_ms": ms(pct(samples, 90)),
+        "p99_ms": ms(pct(samples, 99)),
+        "mean_ms": ms(statistics.fmean(samples)) if samples else float("nan"),
+    }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mem_available_kib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def sandbox_pss_kib():
+    """Sum of PSS over processes of the sandbox uids (shared pages split between sharers)."""
+    total = 0
+    out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, uid = line.split()
+        if int(uid) not in SANDBOX_UIDS:
+            continue
+        try:
+            with open("/proc/%s/smaps_rollup" % pid) as f:
+                for row in f:
+                    if row.startswith("Pss:"):
+                        total += int(row.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+class Server:
+    """`sandpiper serve` on a free loopback port; its log is read line by line and every
+    "sandbox ready" / "session allocated" line is timestamped on arrival."""
+
+    def __init__(self, binary, runtime, ready, max_sessions, workdir):
+        self.workdir = workdir
+        self.key = "bench-" + uuid.uuid4().hex
+        self.pool = "bench"
+        self.ready_target = ready
+        self.ready_times = []
+        self.allocated_times = []
+        self.cond = threading.Condition()
+        self.log_path = os.path.join(workdir, "server.log")
+        config = os.path.join(workdir, "config.json")
+        with open(config, "w") as f:
+            json.dump(
+                {
+                    "pools": [
+                        {
+                            "name": self.pool,
+                            "readySessionInstances": ready,
+                            "maxConcurrentSessions": max_sessions,
+                            "cooldownPeriodInSeconds": 3600,
+                        }
+                    ]
+                },
+                f,
+            )
+        port_file = os.path.join(workdir, "port")
+        env = dict(os.environ, SANDPIPER_API_KEY=self.key, SANDPIPER_PYTHON_RUNTIME=runtime)
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--data-dir", os.path.join(workdir, "data"), "--port", "0",
+             "--port-file", port_file, "--config", config, "--log-level", "debug",
+             "--python-runtime", runtime],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
+        )
+        self.reader = threading.Thread(target=self._read_log, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 120
+        self.port = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("sandpiper exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
+            try:
+                text = open(port_file).read().strip()
+                if text:
+                    self.port = int(text)
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        if self.port is None:
+            raise RuntimeError("sandpiper did not listen within 120 s:\n" + self.log_tail())
+
+    def _read_log(self):
+        with open(self.log_path, "wb") as out:
+            for line in self.proc.stderr:
+                now = time.monotonic()
+                out.write(line)
+                out.flush()
+                if b"sandbox ready" in line:
+                    with self.cond:
+                        self.ready_times.append(now)
+                        self.cond.notify_all()
+                elif b"session allocated" in line:
+                    with self.cond:
+                        self.allocated_times.append(now)
+                        self.cond.notify_all()
+
+    def log_tail(self, n=4000):
+        try:
+            return open(self.log_path, errors="replace").read()[-n:]
+        except OSError:
+            return ""
+
+    def ready_count(self):
+        """Ready sandboxes = sandboxes that became ready - sessions allocated (every allocation
+        consumes exactly one sandbox, warm or started on the request path)."""
+        with self.cond:
+            return len(self.ready_times) - len(self.allocated_times)
+
+    def wait_pool_full(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.ready_times) - len(self.allocated_times) < self.ready_target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise RuntimeError("pool not full after %d s:\n%s" % (timeout, self.log_tail()))
+                self.cond.wait(min(left, 0.5))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                log("sandpiper did not exit 60 s after SIGTERM; killing it")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.reader.join(5)
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, server):
+        self.server = server
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        self.headers = {"Authorization": "Bearer " + server.key, "Content-Type": "application/json"}
+
+    def _path(self, op, identifier):
+        return "/pools/%s/%s?api-version=%s&identifier=%s" % (self.server.pool, op, API_VERSION, identifier)
+
+    def request(self, method, path, body=None, headers=None):
+        for attempt in (0, 1):
+            try:
+                self.conn.request(method, path, body=body, headers=headers or self.headers)
+                resp = self.conn.getresponse()
+                return resp.status, resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()  # idle keep-alive closed by the server: reconnect once
+                if attempt:
+                    raise
+
+    def execute(self, identifier, code):
+        body = json.dumps({"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": code}})
+        status, data = self.request("POST", self._path("code/execute", identifier), body.encode())
+        if status != 200:
+            raise RuntimeError("execute -> %s %s" % (status, data[:300]))
+        props = json.loads(data)["properties"]
+        if props["status"] != "Success":
+            raise RuntimeError("execute failed: %s" % props)
+        return props
+
+    def upload(self, identifier, name, payload):
+        boundary = uuid.uuid4().hex
+        head = ('--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n" % (boundary, name)).encode()
+        body = head + payload + ("\r\n--%s--\r\n" % boundary).encode()
+        headers = {"Authorization": self.headers["Authorization"],
+                   "Content-Type": "multipart/form-data; boundary=" + boundary}
+        status, data = self.request("POST", self._path("files/upload", identifier), body, headers)
+        if status != 200:
+            raise RuntimeError("upload -> %s %s" % (status, data[:300]))
+
+    def download(self, identifier, name):
+        status, data = self.request("GET", self._path("files/content/" + name, identifier), None,
+                                    {"Authorization": self.headers["Authorization"]})
+        if status != 200:
+            raise RuntimeError("download -> %s %s" % (status, data[:300]))
+        return data
+
+    def close(self):
+        self.conn.close()
+
+
+def new_id(tag):
+    return "bench-%s-%s" % (tag, uuid.uuid4().hex)
+
+
+# -- Sandpiper measurements ---------------------------------------------------------------------
+
+
+def measure_warm(server, n, duration):
+    client = Client(server)
+    ident = new_id("warm")
+    client.execute(ident, "x = 1")
+    server.wait_pool_full()
+    time.sleep(1.0)
+    for _ in range(20):  # warm-up
+        client.execute(ident, "1+1")
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        props = client.execute(ident, "1+1")
+        samples.append(time.perf_counter() - t)
+        assert props["result"] == 2, props
+    client.close()
+
+    # Throughput: 4 sessions, one connection and one thread each, for `duration` seconds.
+    idents = [ident] + [new_id("tput") for _ in range(3)]
+    clients = [Client(server) for _ in idents]
+    for c, i in zip(clients, idents):
+        c.execute(i, "x = 1")
+    server.wait_pool_full()
+    counts = [0] * len(idents)
+    errors = []
+    start_evt = threading.Event()
+    stop_at = [0.0]
+
+    def worker(k):
+        start_evt.wait()
+        try:
+            while time.perf_counter() < stop_at[0]:
+                clients[k].execute(idents[k], "1+1")
+                counts[k] += 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(idents))]
+    for th in threads:
+        th.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration
+    start_evt.set()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    if errors:
+        raise RuntimeError("throughput workers failed: %s" % errors[:3])
+    return {"latency": summary(samples), "throughput_rps": sum(counts) / elapsed,
+            "throughput_sessions": len(idents), "throughput_seconds": elapsed, "throughput_calls": sum(counts)}
+
+
+def measure_new_identifier(server, n):
+    client = Client(server)
+    samples = []
+    for _ in range(n):
+        server.wait_pool_full()  # a warm pool, and no launch competing for the CPU
+        time.sleep(0.2)
+        t = time.perf_counter()
+        props = client.execute(new_id("new"), "1+1")
+        samples.append(time.perf_counter() - t)
+        assert props["result"] == 2
+    client.close()
+    return summary(samples)
+
+
+def measure_refill(server):
+    server.wait_pool_full()
+    time.sleep(0.5)
+    burst = server.ready_target
+    with server.cond:
+        before = len(server.ready_times)
+    t0 = time.monotonic()
+    errors = []
+
+    def allocate():
+        c = Client(server)
+        try:
+            c.execute(new_id("drain"), "1+1")
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=allocate) for _ in range(burst)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    drained = time.monotonic() - t0
+    if errors:
+        raise RuntimeError("drain failed: %s" % errors[:3])
+    server.wait_pool_full(timeout=180)
+    with server.cond:
+        times = server.ready_times[before:before + burst]
+    full = times[-1] - t0
+    first = times[0] - t0
+    rate = burst / full
+    return {"burst": burst, "drain_seconds": drained, "first_ready_seconds": first,
+            "full_seconds": full, "sandboxes_per_second": rate}
+
+
+def measure_memory(server, n):
+    server.wait_pool_full()
+    time.sleep(1.5)
+    before = statistics.fmean(mem_available_kib() for _ in range(3))
+    pss_before = sandbox_pss_kib()
+    client = Client(server)
+    for _ in range(n):
+        client.execute(new_id("idle"), "x = 1")
+    client.close()
+    server.wait_pool_full(timeout=240)
+    time.sleep(2.0)
+    after = statistics.fmean(mem_available_kib() for _ in range(3))
+    pss_after = sandbox_pss_kib()
+    return {"sessions": n, "mem_available_delta_mib": (before - after) / 1024.0,
+            "per_session_mib": (before - after) / 1024.0 / n, "pss_per_session_mib": (pss_after - pss_before) / 1024.0 / n}
+
+
+def measure_files(server, size, rounds):
+    client = Client(server)
+    ident = new_id("files")
+    client.execute(ident, "x = 1")
+    payload = os.urandom(size)
+    up, down = [], []
+    for k in range(rounds):
+        t = time.perf_counter()
+        client.upload(ident, "blob%d.bin" % k, payload)
+        up.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        data = client.download(ident, "blob%d.bin" % k)
+        down.append(time.perf_counter() - t)
+        assert data == payload
+    client.close()
+    mib = size / 1048576.0
+    return {"size_bytes": size, "upload_p50_ms": ms(pct(up, 50)), "download_p50_ms": ms(pct(down, 50)),
+            "upload_mib_s": mib / pct(up, 50), "download_mib_s": mib / pct(down, 50)}
+
+
+# -- baseline a: a fresh bubblewrap sandbox per request -------------------------------------------
+
+
+def bwrap_command(runtime, code):
+    return [
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "bwrap", "--unshare-all", "--die-with-parent",
+        "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+        "--symlink", "usr/lib64", "/lib64", "--ro-bind", runtime, runtime,
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--setenv", "HOME", "/tmp", "--setenv", "MPLBACKEND", "Agg", "--setenv", "MPLCONFIGDIR", "/tmp/mpl",
+        runtime + "/bin/python", "-c", code,
+    ]
+
+
+def measure_bwrap(runtime, code, n, expect):
+    cmd = bwrap_command(runtime, code)
+    for tool in ("setpriv", "bwrap"):
+        if not shutil.which(tool):
+            return {"error": "%s not found" % tool}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if first.returncode != 0 or first.stdout.strip() != expect:
+        return {"error": "bwrap run failed (rc %s): %s" % (first.returncode, (first.stderr or first.stdout)[-300:])}
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        samples.append(time.perf_counter() - t)
+        assert out.stdout.strip() == expect, out
+    return summary(samples)
+
+
+# -- baseline b: Jupyter Kernel Gateway / jupyter_client ------------------------------------------
+
+JUPYTER_HELPER = r'''
+import json, sys, time, uuid, statistics
+mode, n = sys.argv[1], int(sys.argv[2])
+
+def run_jkg(port, token, n, cold):
+    import urllib.request
+    import websocket
+    base = "http://127.0.0.1:%d" % port
+    hdrs = {"Authorization": "token " + token, "Content-Type": "application/json"}
+
+    def start_kernel():
+        req = urllib.request.Request(base + "/api/kernels", data=b'{"name":"python3"}', headers=hdrs, method="POST")
+        return json.load(urllib.request.urlopen(req, timeout=120))["id"]
+
+    def delete_kernel(kid):
+        req = urllib.request.Request(base + "/api/kernels/" + kid, headers=hdrs, method="DELETE")
+        urllib.request.urlopen(req, timeout=60).read()
+
+    def connect(kid):
+        return websocket.create_connection(
+            "ws://127.0.0.1:%d/api/kernels/%s/channels" % (port, kid), header=["Authorization: token " + token], timeout=120)
+
+    session = uuid.uuid4().hex
+
+    def execute(ws, code):
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "username": "bench", "session": session, "msg_type": "execute_request",
+                       "version": "5.3", "date": ""},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }))
+        result, replied, idle = None, False, False
+        while not (replied and idle):
+            m = json.loads(ws.recv())
+            if m.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            t = m["header"]["msg_type"]
+            if t == "execute_result":
+                result = m["content"]["data"]["text/plain"]
+            elif t == "execute_reply":
+                replied = True
+                if m["content"]["status"] != "ok":
+                    raise RuntimeError(m["content"])
+            elif t == "status" and m["content"]["execution_state"] == "idle":
+                idle = True
+        return result
+
+    out = {}
+    colds = []
+    for _ in range(cold):
+        t = time.perf_counter()
+        kid = start_kernel()
+        ws = connect(kid)
+        assert execute(ws, "1+1") == "2"
+        colds.append(time.perf_counter() - t)
+        ws.close()
+        delete_kernel(kid)
+    out["cold"] = colds
+    kid = start_kernel()
+    ws = connect(kid)
+    for _ in range(10):
+        execute(ws, "1+1")
+    warm = []
+    for _ in range(n):
+        t = time.perf_counter()
+        assert execute(ws, "1+1") == "2"
+        warm.append(time.perf_counter() - t)
+    ws.close()
+    delete_kernel(kid)
+    out["warm"] = warm
+    return out
+
+def run_client(n):
+    from jupyter_client.manager import start_new_kernel
+    t = time.perf_counter()
+    km, kc = start_new_kernel(kernel_name="python3")
+    startup = time.perf_counter() - t
+    try:
+        def execute(code):
+            got = {}
+            def hook(msg):
+                if msg["header"]["msg_type"] == "execute_result":
+                    got["r"] = msg["content"]["data"]["text/plain"]
+            reply = kc.execute_interactive(code, timeout=60, output_hook=hook)
+            assert reply["content"]["status"] == "ok"
+            return got.get("r")
+        for _ in range(10):
+            execute("1+1")
+        warm = []
+        for _ in range(n):
+            t = time.perf_counter()
+            assert execute("1+1") == "2"
+            warm.append(time.perf_counter() - t)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return {"warm": warm, "startup": startup}
+
+if mode == "jkg":
+    print(json.dumps(run_jkg(int(sys.argv[3]), sys.argv[4], n, int(sys.argv[5]))))
+else:
+    print(json.dumps(run_client(n)))
+'''
+
+
+def ensure_bench_venv(path):
+    """The throwaway venv with the gateway; made with pip on first use. Returns (python, reason)."""
+    python = os.path.join(path, "bin", "python")
+    gateway = os.path.join(path, "bin", "jupyter-kernelgateway")
+    if os.path.exists(gateway):
+        return python, None
+    log("creating %s with jupyter_kernel_gateway, ipykernel, websocket-client (first run only)" % path)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", path], check=True, capture_output=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q", "jupyter_kernel_gateway", "ipykernel", "websocket-client"],
+                       check=True, capture_output=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        shutil.rmtree(path, ignore_errors=True)
+        return None, "could not install jupyter_kernel_gateway: %s %s" % (type(e).__name__, detail.strip()[-200:])
+    return python, None
+
+
+def measure_jupyter(venv, n, cold, workdir, procs):
+    python, reason = ensure_bench_venv(venv)
+    if python is None:
+        return {"error": reason}
+    helper = os.path.join(workdir, "jupyter_helper.py")
+    with open(helper, "w") as f:
+        f.write(JUPYTER_HELPER)
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=os.path.join(workdir, "jupyter-runtime"),
+               JUPYTER_DATA_DIR=os.path.join(workdir, "jupyter-data"), IPYTHONDIR=os.path.join(workdir, "ipython"),
+               JUPYTER_PLATFORM_DIRS="1")
+    env.pop("PYTHONPATH", None)
+    out = {}
+    port, token = free_port(), uuid.uuid4().hex
+    gw_log = open(os.path.join(workdir, "gateway.log"), "wb")
+    gw = subprocess.Popen(
+        [os.path.join(venv, "bin", "jupyter-kernelgateway"), "--KernelGatewayApp.ip=127.0.0.1",
+         "--KernelGatewayApp.port=%d" % port, "--KernelGatewayApp.auth_token=" + token],
+        stdin=subprocess.DEVNULL, stdout=gw_log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+        start_new_session=True,
+    )
+    procs.append(gw)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if gw.poll() is not None or time.monotonic() > deadline:
+                    gw_log.flush()
+                    tail = open(gw_log.name, errors="replace").read()[-300:]
+                    return {"error": "kernel gateway did not start: " + tail}
+                time.sleep(0.1)
+        res = subprocess.run([python, helper, "jkg", str(n), str(port), token, str(cold)],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=workdir)
+        if res.returncode != 0:
+            out["jkg_error"] = "gateway client failed: " + res.stderr.strip()[-300:]
+        else:
+            data = json.loads(res.stdout)
+            out["jkg_warm"] = summary(data["warm"])
+            out["jkg_cold"] = summary(data["cold"])
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            gw.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(gw.pid, signal.SIGKILL)
+            gw.wait()
+        gw_log.close()
+    res = subprocess.run([python, helper, "client", str(n)], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=workdir)
+    if res.returncode != 0:
+        out["client_error"] = "jupyter_client failed: " + res.stderr.strip()[-300:]
+    else:
+        data = json.loads(res.stdout)
+        out["client_warm"] = summary(data["warm"])
+        out["client_startup_ms"] = ms(data["startup"])
+    return out
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def fmt(s, keys=("p50_ms", "p90_ms", "p99_ms")):
+    if not s or "error" in s:
+        return "n/a"
+    return " / ".join("%.1f" % s[k] for k in keys) + " ms"
+
+
+def table(r, args):
+    rows = []
+    w, j = r.get("warm"), r.get("jupyter", {})
+    b1, b2 = r.get("bwrap_plain", {}), r.get("bwrap_imports", {})
+
+    def jup(key, keys=("p50_ms", "p99_ms")):
+        if "error" in j:
+            return "n/a (%s)" % j["error"]
+        return fmt(j.get(key), keys) if key in j else "n/a (%s)" % j.get(key.split("_")[0] + "_error", "not run")
+
+    bw = lambda s: ("n/a (%s)" % s["error"]) if "error" in s else fmt(s, ("p50_ms", "p99_ms"))  # noqa: E731
+    rows.append(("warm `1+1`, one session, p50 / p90 / p99", fmt(w["latency"]),
+                 "bwrap+python per request (p50 / p99): %s; Jupyter Kernel Gateway ws: %s; jupyter_client ZMQ: %s"
+                 % (bw(b1), jup("jkg_warm"), jup("client_warm")),
+                 "HTTP keep-alive, n=%d" % w["latency"]["n"]))
+    rows.append(("throughput, %d sessions in parallel" % w["throughput_sessions"], "%.0f req/s" % w["throughput_rps"],
+                 "bwrap+python per request, serial: %s"
+                 % ("%.0f req/s" % (1000.0 / b1["p50_ms"]) if "p50_ms" in b1 else "n/a"),
+                 "%d calls in %.1f s, %d cores" % (w["throughput_calls"], w["throughput_seconds"], os.cpu_count())))
+    n = r["new_identifier"]
+    rows.append(("new identifier -> first result, warm pool, p50 / p99", fmt(n, ("p50_ms", "p99_ms")),
+                 "cold bwrap + `import numpy, pandas, matplotlib`: %s; new JKG kernel -> first result: %s"
+                 % (bw(b2), jup("jkg_cold")),
+                 "n=%d, sequential, pool full before each" % n["n"]))
+    f = r["refill"]
+    rows.append(("refill rate after draining %d ready" % f["burst"], "%.2f sandboxes/s" % f["sandboxes_per_second"],
+                 "jupyter_client kernel start: %s" % ("%.0f ms" % j["client_startup_ms"] if "client_startup_ms" in j else "n/a"),
+                 "first back after %.1f s, all %d after %.1f s (server refills 2 at a time)"
+                 % (f["first_ready_seconds"], f["burst"], f["full_seconds"])))
+    m = r["memory"]
+    rows.append(("memory per idle session", "%.0f MiB" % m["per_session_mib"], "-",
+                 "MemAvailable delta / %d sessions (x=1 each); PSS of sandbox processes: %.0f MiB/session"
+                 % (m["sessions"], m["pss_per_session_mib"])))
+    fl = r.get("files")
+    if fl:
+        rows.append(("upload / download %.0f MiB file, p50" % (fl["size_bytes"] / 1048576.0),
+                     "%.0f / %.0f ms" % (fl["upload_p50_ms"], fl["download_p50_ms"]), "-",
+                     "%.0f / %.0f MiB/s" % (fl["upload_mib_s"], fl["download_mib_s"])))
+    lines = ["| metric | Sandpiper | baseline | notes |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def pick_binary(arg):
+    if arg:
+        return arg
+    env = os.environ.get("SANDPIPER_BIN")
+    if env and os.path.exists(env):
+        return env
+    for kind in ("release", "debug"):
+        path = os.path.join(REPO, ".build", kind, "sandpiper")
+        if os.path.exists(path):
+            return path
+    sys.exit("no sandpiper binary: build it (make build) or pass --bin")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", help="sandpiper binary (default: $SANDPIPER_BIN, else .build/release, else .build/debug)")
+    ap.add_argument("--runtime", default=os.environ.get("SANDPIPER_PYTHON_RUNTIME", DEFAULT_RUNTIME))
+    ap.add_argument("--quick", action="store_true", help="small N everywhere: checks that it runs")
+    ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument("-n", type=int, help="warm 1+1 calls (default 200)")
+    ap.add_argument("--duration", type=float, help="throughput seconds (default 5)")
+    ap.add_argument("--new", type=int, help="new-identifier samples (default 20)")
+    ap.add_argument("--ready", type=int, help="readySessionInstances of the bench pool (default 4)")
+    ap.add_argument("--idle", type=int, help="idle sessions for the memory measurement (default 10)")
+    ap.add_argument("--bwrap-n", type=int, help="bubblewrap baseline runs (default 30; 5 with imports)")
+    ap.add_argument("--no-jupyter", action="store_true", help="skip the Jupyter baselines")
+    ap.add_argument("--bench-venv", default=DEFAULT_BENCH_VENV, help="venv for the Jupyter baselines")
+    args = ap.parse_args()
+    q = args.quick
+    args.n = args.n or (20 if q else 200)
+    args.duration = args.duration or (1.0 if q else 5.0)
+    args.new = args.new or (3 if q else 20)
+    args.ready = args.ready or (2 if q else 4)
+    args.idle = args.idle or (3 if q else 10)
+    args.bwrap_n = args.bwrap_n or (5 if q else 30)
+    if os.geteuid() != 0:
+        sys.exit("bench.py runs the server, which needs root")
+    binary = pick_binary(args.bin)
+    if not os.path.exists(os.path.join(args.runtime, "bin", "python")):
+        sys.exit("no Python runtime at %s (make setup, or --runtime)" % args.runtime)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    workdir = tempfile.mkdtemp(prefix="sandpiper-bench-")
+    os.chmod(workdir, 0o711)  # the sandbox uids traverse it to reach their data mounts
+    server, procs, results = None, [], {}
+    results["config"] = {"binary": binary, "runtime": args.runtime, "cpus": os.cpu_count(), "quick": q,
+                         "ready": args.ready}
+    ok = False
+    try:
+        log("binary %s" % binary)
+        max_sessions = 1 + 3 + args.new + args.ready + args.idle + 1 + 4
+        server = Server(binary, args.runtime, args.ready, max_sessions, workdir)
+        log("listening on %d; waiting for %d ready sandboxes" % (server.port, args.ready))
+        t = time.monotonic()
+        server.wait_pool_full()
+        results["initial_fill_seconds"] = time.monotonic() - t
+        log("1/4 warm 1+1 (n=%d) and throughput (%.0f s)" % (args.n, args.duration))
+        results["warm"] = measure_warm(server, args.n, args.duration)
+        log("2/4 new identifier (n=%d)" % args.new)
+        results["new_identifier"] = measure_new_identifier(server, args.new)
+        log("3/4 refill after draining %d" % args.ready)
+        results["refill"] = measure_refill(server)
+        log("4/4 memory per idle session (n=%d)" % args.idle)
+        results["memory"] = measure_memory(server, args.idle)
+        log("file transfer")
+        results["files"] = measure_files(server, (1 if q else 5) * 1048576, 2 if q else 3)
+        server.stop()
+        server = None
+        log("baseline: bwrap per request")
+        results["bwrap_plain"] = measure_bwrap(args.runtime, "print(1+1)", args.bwrap_n, "2")
+        results["bwrap_imports"] = measure_bwrap(
+            args.runtime, "import numpy, pandas, matplotlib; print(1+1)", max(3, args.bwrap_n // 6), "2")
+        if args.no_jupyter:
+            results["jupyter"] = {"error": "skipped (--no-jupyter)"}
+        else:
+            log("baseline: Jupyter Kernel Gateway and jupyter_client")
+            results["jupyter"] = measure_jupyter(args.bench_venv, args.n, 2 if q else 3, workdir, procs)
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+    finally:
+        if server is not None:
+            server.stop()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(20)
+        leftover = [line for line in open("/proc/self/mountinfo") if workdir in line]
+        if leftover:
+            log("mounts left under %s (not removing it): %s" % (workdir, leftover))
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not ok:
+        sys.exit(130)
+    results["wall_seconds"] = time.monotonic() - T0
+    print(table(results, args))
+    print("\n(%s; %d cores; wall time %.0f s)" % (os.path.relpath(binary, REPO) if binary.startswith(REPO) else binary,
+                                                   os.cpu_count(), results["wall_seconds"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
