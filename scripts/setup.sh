@@ -263,6 +263,12 @@ if ((do_runtime && do_test)); then
 else
     ensure_apt "${APT_COMMON[@]}"
 fi
+# Egress (slirp4netns as the sandbox's unprivileged uid) opens /dev/net/tun: 0666 is the usual
+# mode on Debian and Ubuntu, but some hosts ship it 0600.
+if [[ -c /dev/net/tun ]] && ((EUID == 0)) && [[ $(stat -c %a /dev/net/tun) != 666 ]]; then
+    log "making /dev/net/tun usable by sandbox uids (chmod 0666, the usual mode) for pools with egress"
+    chmod 0666 /dev/net/tun
+fi
 if ((do_runtime)); then
     ensure_venv "python runtime" "$RUNTIME_DIR/python" "$RUNTIME_REQS" \
         "${SANDPIPER_RUNTIME_BASE_PYTHON:-/usr/bin/python3}" runtime_post

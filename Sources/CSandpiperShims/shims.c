@@ -6,7 +6,13 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/vfs.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
+
+#ifndef NS_GET_USERNS
+#define NS_GET_USERNS 0xb701
+#endif
 
 int sandpiper_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
@@ -43,4 +49,24 @@ long sandpiper_fs_type(const char *path) {
     struct statfs fs;
     if (statfs(path, &fs) != 0) return -1;
     return (long)fs.f_type;
+}
+
+int sandpiper_ns_get_userns(int fd) { return ioctl(fd, NS_GET_USERNS); }
+
+long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int rc;
+    do {
+        rc = poll(&p, 1, timeout_ms);
+    } while (rc < 0 && errno == EINTR);
+    if (rc == 0) {
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    if (rc < 0) return -1;
+    ssize_t n;
+    do {
+        n = read(fd, buffer, count);
+    } while (n < 0 && errno == EINTR);
+    return n;
 }

@@ -163,6 +163,27 @@ public final class NamespaceBackend: SandboxBackend {
         chmod(etcDirectory, 0o755)
     }
 
+    /// Egress needs slirp4netns and a /dev/net/tun that unprivileged users may open (mode 0666,
+    /// the default on Debian and Ubuntu; `make setup` sets it).
+    public func checkEgressSupport() throws(SandpiperError) {
+        guard access(configuration.slirp4netns, X_OK) == 0 else {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "a pool enables egress but slirp4netns is not installed at \(configuration.slirp4netns); run `make setup`"
+            )
+        }
+        var info = stat()
+        guard stat("/dev/net/tun", &info) == 0, info.st_mode & 0o006 == 0o006 else {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "a pool enables egress but /dev/net/tun is missing or not usable by unprivileged users; "
+                    + "run `chmod 0666 /dev/net/tun` (the usual mode) or `make setup`"
+            )
+        }
+    }
+
     // MARK: UIDs
 
     func allocateUID() throws(SandpiperError) -> UInt32 {
@@ -193,7 +214,7 @@ public final class NamespaceBackend: SandboxBackend {
         let known = (try? await records.records(backend: Self.name)) ?? []
         for record in known {
             // A pid from an earlier run is not our child; only the kill matters here.
-            removeTraces(id: record.id, pid: 0, directory: record.directory, cgroupDirectories: record.cgroupDirectories)
+            removeTraces(id: record.id, children: [], directory: record.directory, cgroupDirectories: record.cgroupDirectories)
             try? await records.removeRecord(id: record.id)
             cleaned += 1
         }
@@ -204,7 +225,7 @@ public final class NamespaceBackend: SandboxBackend {
         }
         if let entries = try? FileManager.default.contentsOfDirectory(atPath: sessionsDirectory) {
             for entry in entries {
-                removeTraces(id: entry, pid: 0, directory: sessionsDirectory + "/" + entry, cgroupDirectories: [])
+                removeTraces(id: entry, children: [], directory: sessionsDirectory + "/" + entry, cgroupDirectories: [])
                 cleaned += 1
             }
         }
@@ -214,13 +235,14 @@ public final class NamespaceBackend: SandboxBackend {
     }
 
     /// Kills processes, removes cgroups, unmounts and deletes the sandbox directory.
-    /// Returns false when `pid` (our child) has not been reaped yet; the caller must wait for it.
+    /// `children` are our own child processes of the sandbox; returns those not reaped yet,
+    /// which the caller must wait for.
     @discardableResult
-    func removeTraces(id: String, pid: Int32, directory: String, cgroupDirectories: [String]) -> Bool {
-        var reaped = pid <= 0
-        if pid > 0 { kill(pid, SIGKILL) }
+    func removeTraces(id: String, children: [pid_t], directory: String, cgroupDirectories: [String]) -> [pid_t] {
+        var unreaped = children
+        for child in children { kill(child, SIGKILL) }
         cgroups.killAndRemove(sandboxID: id) {
-            if !reaped { reaped = ChildProcess.reapIfExited(pid) }
+            unreaped.removeAll { ChildProcess.reapIfExited($0) }
         }
         // Groups recorded under another parent (the server may run in another cgroup now).
         for dir in cgroupDirectories where !cgroups.directories(for: id).contains(dir) {
@@ -238,6 +260,6 @@ public final class NamespaceBackend: SandboxBackend {
             if umount2(data, Int32(MNT_DETACH)) != 0 { break }
         }
         try? FileManager.default.removeItem(atPath: directory)
-        return reaped
+        return unreaped
     }
 }

@@ -11,6 +11,8 @@ final class NamespaceSandbox: Sandbox {
     let id: String
     let uid: UInt32
     let pid: pid_t
+    /// slirp4netns, when the pool has egress.
+    let networkPID: pid_t
     let directory: String
     let files: SafeDirectory
     private let agent: AgentChannel
@@ -27,6 +29,7 @@ final class NamespaceSandbox: Sandbox {
         id: String,
         uid: UInt32,
         pid: pid_t,
+        networkPID: pid_t,
         directory: String,
         agent: AgentChannel,
         backend: NamespaceBackend,
@@ -37,6 +40,7 @@ final class NamespaceSandbox: Sandbox {
         self.id = id
         self.uid = uid
         self.pid = pid
+        self.networkPID = networkPID
         self.directory = directory
         self.files = SafeDirectory(root: directory + "/data", owner: uid, group: uid)
         self.agent = agent
@@ -69,12 +73,13 @@ final class NamespaceSandbox: Sandbox {
             createdAt: Date()
         )
         var pid: pid_t = 0
+        var networkPID: pid_t = 0
         var openFDs: [Int32] = []
         func undo() async {
             for fd in openFDs { close(fd) }
-            if !backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: record.cgroupDirectories) {
-                _ = await ChildProcess.waitForExit(pid)
-            }
+            let children = [pid, networkPID].filter { $0 > 0 }
+            let unreaped = backend.removeTraces(id: id, children: children, directory: directory, cgroupDirectories: record.cgroupDirectories)
+            for child in unreaped { _ = await ChildProcess.waitForExit(child) }
             try? await backend.records.removeRecord(id: id)
             backend.releaseUID(uid)
         }
@@ -93,7 +98,21 @@ final class NamespaceSandbox: Sandbox {
             openFDs.append(devNull)
             let stderrFD = config.inheritAgentStderr ? STDERR_FILENO : devNull
 
-            let bwrapArguments = bubblewrapArguments(spec: spec, backend: backend, data: data, seccompFD: 5)
+            var fds = [devNull, devNull, stderrFD, toAgent.read, fromAgent.write, seccomp]
+            var egressPipes: (info: Pipe, block: Pipe)?
+            if spec.pool.egressEnabled {
+                let pipes = (info: try Pipe(), block: try Pipe())
+                openFDs += [pipes.info.read, pipes.info.write, pipes.block.read, pipes.block.write]
+                fds += [pipes.info.write, pipes.block.read]
+                egressPipes = pipes
+            }
+            let bwrapArguments = bubblewrapArguments(
+                spec: spec,
+                backend: backend,
+                data: data,
+                seccompFD: 5,
+                networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
+            )
             // The shell joins the cgroups before anything else runs, then drops to the session
             // uid; bubblewrap does all isolation before the agent starts.
             let script = #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
@@ -103,22 +122,35 @@ final class NamespaceSandbox: Sandbox {
                     config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
                     "--inh-caps=-all", "--", config.bubblewrap,
                 ] + bwrapArguments
-            pid = try ChildProcess.spawn(
-                executable: "/bin/sh",
-                arguments: arguments,
-                fds: [devNull, devNull, stderrFD, toAgent.read, fromAgent.write, seccomp]
-            )
+            pid = try ChildProcess.spawn(executable: "/bin/sh", arguments: arguments, fds: fds)
             record.pid = pid
             try? await backend.records.save(record)
             // The child has its copies; keep only the host ends.
             for fd in [toAgent.read, fromAgent.write, seccomp, devNull] { close(fd) }
             openFDs = [toAgent.write, fromAgent.read]
+            if let egressPipes {
+                close(egressPipes.info.write)
+                close(egressPipes.block.read)
+                defer {
+                    close(egressPipes.info.read)
+                    close(egressPipes.block.write)
+                }
+                networkPID = try await SlirpNetwork.attach(
+                    infoFD: egressPipes.info.read,
+                    blockFD: egressPipes.block.write,
+                    cgroupProcs: procs,
+                    uid: uid,
+                    slirp: config.slirp4netns,
+                    setpriv: config.setpriv
+                )
+            }
             let agent = try await AgentChannel.open(input: fromAgent.read, output: toAgent.write)
             openFDs = []
             let sandbox = NamespaceSandbox(
                 id: id,
                 uid: uid,
                 pid: pid,
+                networkPID: networkPID,
                 directory: directory,
                 agent: agent,
                 backend: backend,
@@ -154,7 +186,13 @@ final class NamespaceSandbox: Sandbox {
         }
     }
 
-    static func bubblewrapArguments(spec: SandboxSpec, backend: NamespaceBackend, data: String, seccompFD: Int) -> [String] {
+    static func bubblewrapArguments(
+        spec: SandboxSpec,
+        backend: NamespaceBackend,
+        data: String,
+        seccompFD: Int,
+        networkFDs: (info: Int, block: Int)?
+    ) -> [String] {
         let config = backend.configuration
         let runtime = config.pythonRuntime
         var arguments = [
@@ -200,6 +238,9 @@ final class NamespaceSandbox: Sandbox {
             if let value = ProcessInfo.processInfo.environment[name] {
                 arguments += ["--setenv", name, value]
             }
+        }
+        if let networkFDs {
+            arguments += ["--info-fd", "\(networkFDs.info)", "--block-fd", "\(networkFDs.block)"]
         }
         arguments += [
             "--remount-ro", "/",
@@ -308,9 +349,13 @@ final class NamespaceSandbox: Sandbox {
         guard !already else { return }
         agent.fail(SandpiperError(.sandboxFailure, code: "SessionEnded", "the session was ended"))
         let cgroupDirectories = backend.cgroups.directories(for: id)
-        if !backend.removeTraces(id: id, pid: pid, directory: directory, cgroupDirectories: cgroupDirectories) {
-            _ = await ChildProcess.waitForExit(pid)
-        }
+        let unreaped = backend.removeTraces(
+            id: id,
+            children: [pid, networkPID].filter { $0 > 0 },
+            directory: directory,
+            cgroupDirectories: cgroupDirectories
+        )
+        for child in unreaped { _ = await ChildProcess.waitForExit(child) }
         try? await backend.records.removeRecord(id: id)
         backend.releaseUID(uid)
         logger.debug("sandbox destroyed")

@@ -238,6 +238,40 @@ struct NamespaceSandboxTests {
         }
     }
 
+    @Test("With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback")
+    func egressOn() async throws {
+        try await withFixture { fixture in
+            let server = try LoopbackServer()
+            defer { server.close() }
+            let sandbox = try await fixture.launch(Fixture.pool(egress: true))
+            // Only the sandbox's own gateway (slirp's 10.0.2.2, which would land on host loopback)
+            // is contacted: no traffic leaves this machine.
+            let probe = """
+                import socket
+                out = {'ifaces': sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]),
+                       'default_route': any(l.split()[1] == '00000000' for l in open('/proc/net/route').read().splitlines()[1:]),
+                       'resolv': open('/etc/resolv.conf').read().strip()}
+                s = socket.socket(); s.settimeout(3)
+                try:
+                    s.connect(('10.0.2.2', \(server.port))); out['gateway'] = 'connected'
+                except Exception as e:
+                    out['gateway'] = type(e).__name__
+                out
+                """
+            let outcome = try await sandbox.run(probe)
+            let text = try #require(outcome.result.stringValue, "\(outcome)")
+            #expect(text.contains("'ifaces': ['lo', 'tap0']"), "\(text)")
+            #expect(text.contains("'default_route': True"), "\(text)")
+            #expect(text.contains("nameserver 10.0.2.3"), "\(text)")
+            #expect(!text.contains("'gateway': 'connected'"), "\(text)")
+            #expect(server.acceptedConnections() == 0)
+            #expect(sandbox.networkPID > 0)
+            await sandbox.destroy()
+            try await fixture.expectNoTraces(of: sandbox)
+            #expect(kill(sandbox.networkPID, 0) != 0, "slirp4netns must be gone")
+        }
+    }
+
     @Test("A memory hog is OOM-killed inside its cgroup with a clear error; the host stays healthy")
     func memoryHog() async throws {
         try await withFixture { fixture in

@@ -75,8 +75,9 @@ def _wait_for_port(port_file, proc, log_path, timeout):
 
 
 def _wait_for_warm_pools(server, want, timeout):
-    """Waits until `want` sandboxes have logged "sandbox ready" (the initial pool fill), so the
-    first tests measure the server and not the cold start of 3 sandboxes on 2 cores."""
+    """Waits until `want` sandboxes have logged "sandbox ready" (the initial pool fill, logged at
+    debug level), so the first tests measure the server and not the cold start of 3 sandboxes on
+    2 cores. Only an optimisation: if the line never shows up the tests start anyway."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.log().count("sandbox ready") >= want:
@@ -84,7 +85,6 @@ def _wait_for_warm_pools(server, want, timeout):
         if server.proc.poll() is not None:
             pytest.fail("sandpiper exited with %s:\n%s" % (server.proc.returncode, server.log()))
         time.sleep(0.2)
-    pytest.fail("pools did not warm up within %d s:\n%s" % (timeout, server.log()[-20000:]))
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +125,7 @@ def server():
         port = _wait_for_port(port_file, proc, log_path, timeout=120)
         srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
         assert API_KEY in srv.log(), "the server does not print its API key"
-        _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=120)
+        _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=60)
         yield srv
     finally:
         if proc.poll() is None:

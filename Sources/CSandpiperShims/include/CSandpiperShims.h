@@ -16,4 +16,11 @@ int sandpiper_spawn(pid_t *pid, const char *path, char *const argv[], char *cons
 
 /// The filesystem magic number of `path` (statfs f_type), or -1.
 long sandpiper_fs_type(const char *path);
+
+/// ioctl(fd, NS_GET_USERNS): a new descriptor for the user namespace owning namespace `fd`.
+int sandpiper_ns_get_userns(int fd);
+
+/// Waits up to `timeout_ms` for `fd` to be readable, then reads up to `count` bytes.
+/// Returns the byte count, 0 at EOF, -1 with errno (ETIMEDOUT on timeout).
+long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms);
 #endif
