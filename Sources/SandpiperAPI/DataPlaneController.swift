@@ -46,6 +46,12 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
         func session() async throws -> Session {
             try await pool.session(for: identifier())
         }
+
+        /// A modern file name, under the `path` query parameter's directory when there is one.
+        func prefixed(_ name: String) -> String {
+            guard let directory = query["path"], !directory.isEmpty else { return name }
+            return directory.hasSuffix("/") ? directory + name : directory + "/" + name
+        }
     }
 
     func dispatch(_ request: Request, context: Context) async throws -> Response {
@@ -58,21 +64,44 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
         let method = request.method
         let ops = operation.map { $0.lowercased() }
 
+        let modern = call.query.isModernAPI
         switch (method, ops.first) {
         case (.post, "code") where ops == ["code", "execute"], (.post, "python") where ops == ["python", "execute"]:
             return try await legacyExecute(request, call)
+        case (.post, "executions") where ops.count == 1:
+            return try await modernExecute(request, call, requestPath: request.uri.path)
+        case (.get, "executions") where ops.count == 2:
+            return try await executionStatus(call, id: operation[1], requestPath: request.uri.path)
         case (.post, "files") where ops == ["files", "upload"], (.post, "python") where ops == ["python", "uploadfile"]:
             return try await legacyUpload(request, call)
-        case (.get, "files") where ops == ["files"], (.get, "python") where ops == ["python", "files"]:
+        case (.post, "files") where ops == ["files"]:
+            return try await modernUpload(request, call)
+        case (.get, "files") where ops == ["files"]:
+            return modern ? try await modernList(call, requestPath: request.uri.path) : try await legacyList(call)
+        case (.get, "python") where ops == ["python", "files"]:
             return try await legacyList(call)
         case (.get, "python") where ops == ["python", "downloadfile"]:
             return try await download(call, name: call.query["filename"] ?? "")
-        case (.get, "files") where ops.count >= 3 && ops[1] == "content":
+        case (.get, "files") where !modern && ops.count >= 3 && ops[1] == "content":
             return try await download(call, name: operation.dropFirst(2).joined(separator: "/"))
+        case (.get, "files") where modern && ops.count >= 3 && ops.last == "content":
+            return try await download(call, name: call.prefixed(operation.dropFirst().dropLast().joined(separator: "/")))
         case (.get, "files") where ops.count >= 2:
-            return try await legacyFileInfo(call, name: operation.dropFirst().joined(separator: "/"))
+            let name = operation.dropFirst().joined(separator: "/")
+            return modern ? try await modernFileInfo(call, name: call.prefixed(name)) : try await legacyFileInfo(call, name: name)
         case (.delete, "files") where ops.count >= 2:
-            return try await legacyDelete(call, name: operation.dropFirst().joined(separator: "/"))
+            let name = operation.dropFirst().joined(separator: "/")
+            return modern ? try await modernDelete(call, name: call.prefixed(name)) : try await legacyDelete(call, name: name)
+        case (.get, "session") where ops.count == 1, (.post, ".management") where ops == [".management", "getsession"]:
+            return try await sessionInfo(call)
+        case (.delete, "session") where ops.count == 1:
+            return try await deleteSession(call)
+        case (.post, ".management") where ops == [".management", "stopsession"]:
+            return try await stopSession(call)
+        case (.get, "listsessions") where ops.count == 1, (.post, ".management") where ops == [".management", "listsessions"]:
+            return try await listSessions(call, requestPath: request.uri.path)
+        case (.get, "metadata") where ops.count == 1:
+            return try await metadata(call)
         default:
             throw SandpiperError.notFound(
                 "no such operation: \(method) \(operation.joined(separator: "/")) on pool '\(pool.configuration.name)'",

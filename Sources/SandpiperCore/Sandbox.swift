@@ -72,6 +72,27 @@ public struct FileEntry: Sendable, Equatable {
     }
 }
 
+/// What a session's runtime reports about itself (for the pool's `metadata`).
+public struct RuntimeDescription: Sendable, Equatable {
+    public struct Package: Sendable, Equatable {
+        public var name: String
+        public var version: String
+
+        public init(name: String, version: String) {
+            self.name = name
+            self.version = version
+        }
+    }
+
+    public var runtime: Package
+    public var packages: [Package]
+
+    public init(runtime: Package, packages: [Package]) {
+        self.runtime = runtime
+        self.packages = packages
+    }
+}
+
 /// Reads one file of a session in chunks. Close it when done; closing twice is fine.
 public protocol SandboxFileReader: Sendable {
     var size: Int64 { get }
@@ -106,6 +127,9 @@ public protocol Sandbox: AnyObject, Sendable {
     /// Creates or replaces a file. Parent directories are created.
     func createFile(_ path: SessionFilePath) async throws -> any SandboxFileWriter
     func deleteFile(_ path: SessionFilePath) async throws
+
+    /// The runtime and its preinstalled packages, as the guest itself reports them.
+    func describeRuntime() async throws -> RuntimeDescription
 
     /// Stops everything and removes every trace (processes, mounts, cgroups, files).
     /// Idempotent.

@@ -27,10 +27,37 @@ final class AgentChannel: Sendable {
         var pid: Int?
         var version: String?
         var packages: [Package]?
+        var runtime: Package?
 
         struct Package: Decodable, Sendable {
             var name: String
             var version: String
+        }
+
+        private enum CodingKeys: String, CodingKey {
+            case id, type, status, stdout, stderr, result, jupyterResult, timedOut, durationMs
+            case stdoutTruncated, stderrTruncated, message, pid, version, packages, runtime
+        }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            id = try container.decodeIfPresent(Int.self, forKey: .id)
+            type = try container.decode(String.self, forKey: .type)
+            status = try container.decodeIfPresent(String.self, forKey: .status)
+            stdout = try container.decodeIfPresent(String.self, forKey: .stdout)
+            stderr = try container.decodeIfPresent(String.self, forKey: .stderr)
+            // A JSON null result (nan, inf) is a value, not an absent field.
+            result = container.contains(.result) ? try container.decode(JSONValue.self, forKey: .result) : nil
+            jupyterResult = try container.decodeIfPresent(String.self, forKey: .jupyterResult)
+            timedOut = try container.decodeIfPresent(Bool.self, forKey: .timedOut)
+            durationMs = try container.decodeIfPresent(Double.self, forKey: .durationMs)
+            stdoutTruncated = try container.decodeIfPresent(Bool.self, forKey: .stdoutTruncated)
+            stderrTruncated = try container.decodeIfPresent(Bool.self, forKey: .stderrTruncated)
+            message = try container.decodeIfPresent(String.self, forKey: .message)
+            pid = try container.decodeIfPresent(Int.self, forKey: .pid)
+            version = try container.decodeIfPresent(String.self, forKey: .version)
+            packages = try container.decodeIfPresent([Package].self, forKey: .packages)
+            runtime = try container.decodeIfPresent(Package.self, forKey: .runtime)
         }
     }
 

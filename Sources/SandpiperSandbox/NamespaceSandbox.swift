@@ -335,6 +335,18 @@ final class NamespaceSandbox: Sandbox {
         try files.delete(path)
     }
 
+    func describeRuntime() async throws -> RuntimeDescription {
+        let reply = try await agent.request(["type": .string("packages")], timeout: .seconds(60))
+        guard reply.type == "packages" else {
+            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the agent did not list its packages")
+        }
+        let runtime = reply.runtime ?? .init(name: "python", version: "")
+        return RuntimeDescription(
+            runtime: .init(name: runtime.name, version: runtime.version),
+            packages: (reply.packages ?? []).map { .init(name: $0.name, version: $0.version) }
+        )
+    }
+
     private func checkFilesAvailable() throws(SandpiperError) {
         if destroyed.withLock({ $0 }) {
             throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")

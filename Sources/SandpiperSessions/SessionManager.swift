@@ -6,6 +6,8 @@ import ServiceLifecycle
 /// application's `ServiceGroup` before the HTTP server, so it shuts down after it.
 public final class SessionManager: Service, Sendable {
     public let pools: [String: SessionPool]
+    /// Asynchronous executions of every pool.
+    public let executions = ExecutionRegistry()
     private let backends: [any SandboxBackend]
     private let reapInterval: Duration
     private let logger: Logger
@@ -45,6 +47,7 @@ public final class SessionManager: Service, Sendable {
             // Ending the refill streams lets `runRefiller` return; the reaper sees the shutdown.
             for pool in self.pools.values { pool.stopRefilling() }
         }
+        await executions.shutdown()
         await withTaskGroup(of: Void.self) { group in
             for pool in pools.values { group.addTask { await pool.shutdown() } }
         }

@@ -258,4 +258,34 @@ public actor SessionPool {
     }
 
     public var lastError: SandpiperError? { lastLaunchError }
+
+    // MARK: Metadata
+
+    public nonisolated let createdAt = Date()
+    private var runtimeDescription: RuntimeDescription?
+
+    /// The pool's runtime and packages, asked once of a sandbox and then cached.
+    public func runtime() async throws -> RuntimeDescription {
+        if let runtimeDescription { return runtimeDescription }
+        let description: RuntimeDescription
+        if let sandbox = ready.first(where: { $0.isAlive }) ?? sessions.values.first(where: { $0.sandbox.isAlive })?.sandbox {
+            description = try await sandbox.describeRuntime()
+        } else {
+            let sandbox = try await launchSandbox()
+            do {
+                description = try await sandbox.describeRuntime()
+            } catch {
+                await sandbox.destroy()
+                throw error
+            }
+            await addReady(sandbox)
+        }
+        runtimeDescription = description
+        return description
+    }
+
+    /// When an idle session will be destroyed if nothing calls it.
+    public nonisolated func expiry(of session: Session) -> Date {
+        session.lastAccessed.addingTimeInterval(Double(configuration.cooldownPeriodInSeconds))
+    }
 }

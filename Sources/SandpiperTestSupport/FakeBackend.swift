@@ -130,6 +130,13 @@ public final class FakeSandbox: Sandbox {
         }
     }
 
+    public func describeRuntime() async throws -> RuntimeDescription {
+        RuntimeDescription(
+            runtime: .init(name: "python", version: "3.11.2"),
+            packages: [.init(name: "numpy", version: "2.4.6"), .init(name: "pandas", version: "3.1.1")]
+        )
+    }
+
     public func fileBytes(_ relative: String) -> [UInt8]? {
         files.withLock { $0[relative]?.bytes }
     }

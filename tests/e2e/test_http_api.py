@@ -100,12 +100,6 @@ def test_execution_time_is_measured(api, shared_id):
     assert 480 <= props["executionTimeInMilliseconds"] <= 3000, props
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the agent sends result null for nan/inf (docs/agent-protocol.md, tests/agent), but "
-    "NamespaceSandbox maps it with `reply.result ?? .string(\"\")`; a JSON null decodes as a missing "
-    "Optional, so the HTTP result is \"\"",
-)
 def test_nan_result_is_null(api, shared_id):
     # docs/agent-protocol.md: float nan and +-inf give JSON null (Azure's modern API: nan -> null).
     r = api.execute_raw(shared_id, "float('nan')")
