@@ -18,18 +18,21 @@ PYTEST_FLAGS ?= -q
 PYTEST_DIRS := $(wildcard tests/agent tests/e2e)
 
 # HOST/PORT/CONFIG/DATA_DIR become `serve` flags when set; ARGS is passed as is.
+# TLS=1 serves HTTPS with a self-signed pair made once in $(TLS_DIR) (Semantic Kernel needs https).
+TLS_DIR ?= $(or $(DATA_DIR),/var/lib/sandpiper)/tls
 SERVE_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) \
-	$(if $(CONFIG),--config $(CONFIG)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(if $(CONFIG),--config $(CONFIG)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+	$(if $(TLS),--tls-cert $(TLS_DIR)/cert.pem --tls-key $(TLS_DIR)/key.pem)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
-.PHONY: help setup build build-debug run test test-swift test-python bench format lint clean
+.PHONY: help setup build build-debug run test test-swift test-python bench format lint clean tls-cert
 
 help:
 	@echo "make setup   - install apt packages, the sandbox Python runtime and the test venv (scripts/setup.sh)"
 	@echo "make build   - release build of the sandpiper binary"
-	@echo "make run     - setup + build, then serve (HOST=, PORT=, CONFIG=, DATA_DIR=, ARGS=)"
+	@echo "make run     - setup + build, then serve (HOST=, PORT=, CONFIG=, DATA_DIR=, TLS=1, ARGS=)"
 	@echo "make test    - setup, swift tests with integration enabled, then the Python tests"
 	@echo "make bench   - setup + release build, then bench/bench.py"
 	@echo "make format  - swift format the sources in place;  make lint - check formatting"
@@ -43,9 +46,19 @@ build:
 	@echo "==> make build: release build of sandpiper"
 	$(SWIFT) build -c release --product sandpiper
 
-run: setup build
+run: setup build $(if $(TLS),tls-cert)
 	@echo "==> make run: .build/release/sandpiper serve $(strip $(SERVE_FLAGS) $(ARGS))"
 	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) exec .build/release/sandpiper serve $(SERVE_FLAGS) $(ARGS)
+
+# A self-signed certificate for localhost and 127.0.0.1, made once.
+tls-cert:
+	@if [ ! -s $(TLS_DIR)/cert.pem ] || [ ! -s $(TLS_DIR)/key.pem ]; then \
+		echo "==> make tls-cert: self-signed certificate for localhost in $(TLS_DIR)"; \
+		mkdir -p $(TLS_DIR) && chmod 700 $(TLS_DIR); \
+		openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj /CN=localhost \
+			-addext subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1 \
+			-keyout $(TLS_DIR)/key.pem -out $(TLS_DIR)/cert.pem 2>/dev/null; \
+	fi
 
 test: setup
 	@echo "==> make test: building the package and its tests (debug)"

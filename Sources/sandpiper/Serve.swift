@@ -4,7 +4,10 @@ import Glibc
 import ArgumentParser
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
 import Logging
+import NIOSSL
 import SandpiperAPI
 import SandpiperCore
 import SandpiperSandbox
@@ -24,6 +27,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("python-runtime"), help: "The sandbox Python venv made by `make setup`.")
     var pythonRuntime: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error.") var logLevel: String?
+    @Option(name: .customLong("tls-cert"), help: "PEM certificate (chain) file: serve HTTPS.") var tlsCertificate: String?
+    @Option(name: .customLong("tls-key"), help: "PEM private key file for --tls-cert.") var tlsKey: String?
     @Option(name: .customLong("port-file"), help: "Write the bound port to this file once listening (for tests).")
     var portFile: String?
 
@@ -38,6 +43,8 @@ struct Serve: AsyncParsableCommand {
             if let dataDirectory { settings.dataDirectory = dataDirectory }
             if let pythonRuntime { settings.pythonRuntime = pythonRuntime }
             if let logLevel { settings.logLevel = logLevel }
+            if let tlsCertificate { settings.tlsCertificate = tlsCertificate }
+            if let tlsKey { settings.tlsKey = tlsKey }
             try settings.validate()
         } catch let error as SandpiperError {
             throw ValidationError(error.message)
@@ -82,14 +89,17 @@ struct Serve: AsyncParsableCommand {
         let host = settings.host
         let portFile = portFile
         let poolNames = settings.pools.map(\.name)
+        let http1 = HTTPServerBuilder.http1(configuration: .init(idleTimeout: .seconds(75)))
+        let server = try settings.tlsCertificate.map { _ in try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings)) } ?? http1
+        let scheme = settings.tlsCertificate == nil ? "http" : "https"
         let app = Application(
             router: router,
-            server: .http1(configuration: .init(idleTimeout: .seconds(75))),
+            server: server,
             configuration: .init(address: .hostname(host, port: settings.port), serverName: "Sandpiper"),
             services: [sessions],
             onServerRunning: { channel in
                 let port = channel.localAddress?.port ?? settings.port
-                let base = "http://\(host.contains(":") ? "[\(host)]" : host):\(port)"
+                let base = "\(scheme)://\(host.contains(":") ? "[\(host)]" : host):\(port)"
                 var lines = ["Sandpiper is listening on \(base)"]
                 for name in poolNames { lines.append("  pool endpoint: \(base)/pools/\(name)") }
                 lines.append("  API key:       \(apiKey)")
@@ -103,6 +113,19 @@ struct Serve: AsyncParsableCommand {
             logger: logger
         )
         try await app.runService()
+    }
+}
+
+func tlsConfiguration(_ settings: ServerConfiguration) throws -> TLSConfiguration {
+    guard let certificatePath = settings.tlsCertificate, let keyPath = settings.tlsKey else {
+        throw SandpiperError.invalid("TLS needs both a certificate and a key")
+    }
+    do {
+        let chain = try NIOSSLCertificate.fromPEMFile(certificatePath)
+        let key = try NIOSSLPrivateKey(file: keyPath, format: .pem)
+        return TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+    } catch {
+        throw SandpiperError.invalid("cannot load the TLS certificate \(certificatePath) or key \(keyPath): \(error)")
     }
 }
 

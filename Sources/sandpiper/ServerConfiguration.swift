@@ -16,6 +16,9 @@ struct ServerConfiguration: Sendable {
     var pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"]
         ?? "/var/lib/sandpiper/runtimes/python"
     var uidBase: UInt32 = 230_000
+    /// PEM files; both set means HTTPS.
+    var tlsCertificate: String?
+    var tlsKey: String?
     var pools: [PoolConfiguration] = [PoolConfiguration(name: "python")]
 
     static var defaultDataDirectory: String {
@@ -45,6 +48,8 @@ struct ServerConfiguration: Sendable {
             apiKey = try server.string("apiKey") ?? apiKey
             logLevel = try server.string("logLevel") ?? logLevel
             if let base = try server.integer("sandboxUidBase") { uidBase = UInt32(clamping: base) }
+            tlsCertificate = try server.string("tlsCertificate") ?? tlsCertificate
+            tlsKey = try server.string("tlsKey") ?? tlsKey
             try server.finish()
         }
         if let runtimes = try reader.object("runtimes") {
@@ -104,6 +109,9 @@ struct ServerConfiguration: Sendable {
         for pool in pools {
             try pool.validate()
             guard seen.insert(pool.name).inserted else { throw SandpiperError.invalid("config: pool '\(pool.name)' is defined twice") }
+        }
+        if (tlsCertificate == nil) != (tlsKey == nil) {
+            throw SandpiperError.invalid("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         }
         if let apiKey, apiKey.utf8.count < 16 {
             throw SandpiperError.invalid("the API key must be at least 16 characters")

@@ -1,8 +1,11 @@
-"""Fixtures for the Python guest agent tests.
+"""Fixtures for the guest agent tests.
 
-The agent runs as a real subprocess of the interpreter named by
-SANDPIPER_PYTHON (default: the Sandpiper Python runtime), with two pipes
-mapped onto its fd 3 (requests) and fd 4 (responses).
+Each agent runs as a real subprocess with two pipes mapped onto its fd 3
+(requests) and fd 4 (responses):
+- Python: the interpreter named by SANDPIPER_PYTHON (default: the Sandpiper
+  Python runtime) runs Agents/python/agent.py;
+- Node: SANDPIPER_NODE (default /usr/bin/node) runs Agents/node/agent.js;
+- Shell: the SANDPIPER_PYTHON interpreter runs Agents/shell/agent.py.
 """
 
 import json
@@ -17,8 +20,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT = REPO / "Sources" / "SandpiperSandbox" / "Agents" / "python" / "agent.py"
+AGENTS = REPO / "Sources" / "SandpiperSandbox" / "Agents"
+AGENT = AGENTS / "python" / "agent.py"
+NODE_AGENT = AGENTS / "node" / "agent.js"
+SHELL_AGENT = AGENTS / "shell" / "agent.py"
 DEFAULT_PYTHON = "/var/lib/sandpiper/runtimes/python/bin/python"
+DEFAULT_NODE = "/usr/bin/node"
 
 FD_SHIM = """
 import fcntl, os, sys
@@ -36,11 +43,32 @@ def agent_python():
     return os.environ.get("SANDPIPER_PYTHON", DEFAULT_PYTHON)
 
 
+def agent_node():
+    return os.environ.get("SANDPIPER_NODE", DEFAULT_NODE)
+
+
+def node_agent_argv():
+    node = agent_node()
+    if not os.path.exists(node):
+        pytest.skip("node %s not found (set SANDPIPER_NODE)" % node)
+    return [node, str(NODE_AGENT)]
+
+
+def shell_agent_argv():
+    python = agent_python()
+    if not os.path.exists(python):
+        pytest.skip("interpreter %s not found (set SANDPIPER_PYTHON)" % python)
+    return [python, "-I", str(SHELL_AGENT)]
+
+
 class AgentProcess:
-    def __init__(self, cwd, extra_env=None):
+    def __init__(self, cwd, extra_env=None, argv=None):
         python = agent_python()
         if not os.path.exists(python):
             pytest.skip("interpreter %s not found (set SANDPIPER_PYTHON)" % python)
+        if argv is None:
+            # Same interpreter flags as the host (NamespaceSandbox.swift).
+            argv = [python, "-I", "-X", "frozen_modules=on", str(AGENT)]
         req_r, req_w = os.pipe()  # host -> agent (agent's fd 3)
         resp_r, resp_w = os.pipe()  # agent -> host (agent's fd 4)
 
@@ -52,9 +80,7 @@ class AgentProcess:
         self.stderr_file = tempfile.TemporaryFile()
         # A tiny exec shim (same interpreter) puts the pipe ends on fd 3/4.
         self.proc = subprocess.Popen(
-            # Same interpreter flags as the host (NamespaceSandbox.swift).
-            [python, "-c", FD_SHIM, str(req_r), str(resp_w),
-             python, "-I", "-X", "frozen_modules=on", str(AGENT)],
+            [python, "-c", FD_SHIM, str(req_r), str(resp_w)] + list(argv),
             cwd=str(cwd),
             env=env,
             stdin=subprocess.DEVNULL,

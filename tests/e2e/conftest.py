@@ -15,6 +15,7 @@ Pools (see POOLS below):
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,13 +44,13 @@ POOLS = [
 ]
 
 
-def sandbox_pids():
-    """PIDs of processes running as a sandbox uid (230000-239999)."""
+def sandbox_pids(uids=SANDBOX_UIDS):
+    """PIDs of processes running as a sandbox uid (230000-239999, or the given ones)."""
     out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True, check=True).stdout
     pids = []
     for line in out.splitlines():
         pid, uid = line.split()
-        if int(uid) in SANDBOX_UIDS:
+        if int(uid) in SANDBOX_UIDS and int(uid) in uids:
             pids.append(int(pid))
     return pids
 
@@ -139,18 +140,24 @@ def server():
         log.close()
         text = Path(log_path).read_text(errors="replace")
         leftover_mounts = mounts_under(data_dir)
-        # Sandbox processes are killed by the server; give the kernel a moment to reap them.
+        # Sandbox processes are killed by the server; give the kernel a moment to reap them. Only
+        # the uids this server used count ("sandbox ready ... uid=N" at debug level), so that
+        # another Sandpiper on the machine (the lead's, CI's) cannot fail this check.
+        ours = {int(u) for u in re.findall(r"uid=(\d+)", text)} or SANDBOX_UIDS
         deadline = time.monotonic() + 10
-        leftover = set(sandbox_pids()) - preexisting
+        leftover = set(sandbox_pids(ours)) - preexisting
         while leftover and time.monotonic() < deadline:
             time.sleep(0.2)
-            leftover = set(sandbox_pids()) - preexisting
+            leftover = set(sandbox_pids(ours)) - preexisting
         if not leftover_mounts:
             shutil.rmtree(tmp, ignore_errors=True)
         assert rc is not None, "sandpiper did not exit within 60 s of SIGTERM:\n" + text[-5000:]
         assert rc == 0, "sandpiper exited with %s after SIGTERM:\n%s" % (rc, text[-5000:])
         assert not leftover_mounts, "mounts left under %s: %s" % (data_dir, leftover_mounts)
-        assert not leftover, "sandbox-uid processes left after shutdown: %s" % sorted(leftover)
+        if leftover:
+            listing = subprocess.run(["ps", "-o", "pid,ppid,uid,stat,etime,args", "-p", ",".join(map(str, sorted(leftover)))],
+                                     capture_output=True, text=True).stdout
+            pytest.fail("sandbox-uid processes left after shutdown:\n%s\nserver log tail:\n%s" % (listing, text[-5000:]))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """The legacy (2024-02-02-preview) data plane over real HTTP, against real sandboxes.
 
-python-pool identifier budget (max 8 live, no session delete): shared_id (1), the timeout
-test (1), the isolation test (1), the concurrency test (1, plus shared_id), the identifier
-encoding test (1), the shared-first-call/crash test (1); test_langchain.py takes 1 more: 7. Keep it that way when adding tests.
+python-pool identifier budget (max 8 live; these tests never delete a session): shared_id (1),
+the timeout test (1), the isolation test (1), the concurrency test (1, plus shared_id), the
+identifier encoding test (1), the shared-first-call/crash test (1); test_langchain.py takes 1
+more: 7 in all. Keep it at most 8 when adding tests.
 """
 
 import base64
