@@ -3,7 +3,7 @@ import HTTPTypes
 import Hummingbird
 import SandpiperCore
 
-/// Requires `Authorization: Bearer <key>` on every route but the health probe. The comparison
+/// Requires `Authorization: Bearer <key>` on every route but the health probe and the API description. The comparison
 /// takes the same time wherever the first difference is.
 public struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
     let expected: [UInt8]
@@ -15,7 +15,7 @@ public struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
     public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
         -> Response
     {
-        if request.uri.path == "/healthz" { return try await next(request, context) }
+        if request.uri.path == "/healthz" || request.uri.path == "/openapi.json" { return try await next(request, context) }
         guard let header = request.headers[.authorization] else {
             throw SandpiperError(.unauthorized, code: "Unauthorized", "missing 'Authorization: Bearer <key>' header")
         }

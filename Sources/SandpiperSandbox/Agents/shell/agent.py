@@ -424,16 +424,16 @@ class Bash:
         self.status_r, st_w = os.pipe()
         os.set_blocking(self.status_r, False)
         q = shell_quote
-        driver = "\n".join([
+        # One line, so that bash's "line N" in error messages is the line of
+        # the user's command.
+        driver = "; ".join([
             "exec %d<&%d %d>&%d %d<&- %d>&-" % (BASH_CMD_FD, cmd_r, BASH_STATUS_FD, st_w, cmd_r, st_w),
             "builtin shopt -s expand_aliases",
-            "while builtin read -r -u %d _; do" % BASH_CMD_FD,
-            "  { builtin eval -- \"$(< %s)\"; } < %s > %s 2> %s %d<&- %d>&-" % (
-                q(self.cmd_file), q(self.in_path), q(self.out_path), q(self.err_path),
+            "while builtin read -r -u %d _; do { builtin eval -- \"$(< %s)\"; } < %s > %s 2> %s %d<&- %d>&-" % (
+                BASH_CMD_FD, q(self.cmd_file), q(self.in_path), q(self.out_path), q(self.err_path),
                 BASH_CMD_FD, BASH_STATUS_FD),
-            "  builtin printf '%%d\\n' \"$?\" >&%d" % BASH_STATUS_FD,
+            "builtin printf '%%d\\n' \"$?\" >&%d" % BASH_STATUS_FD,
             "done",
-            "",
         ])
         env = dict(os.environ)
         for var in ("BASH_ENV", "ENV"):
