@@ -18,22 +18,22 @@ extension DataPlaneController {
         let body = try await RequestBody.json(request)
         let executionID = try Self.executionID(request.headers[.operationID])
         let pool = call.pool.configuration
-        if try RequestBody.string(body, "shellCommand") != nil || RequestBody.lookup(body, "execCommandAndArgs") != nil
-            || RequestBody.lookup(body, "command") != nil
-        {
-            throw SandpiperError.invalid(
-                "shellCommand, execCommandAndArgs and command are for Shell pools; pool '\(pool.name)' is \(pool.type.rawValue)",
-                code: "InvalidRequestBody"
-            )
-        }
-        var limit = Self.defaultStreamLimit
-        if let requested = try RequestBody.integer(body, "outputStreamsMaxLength") {
-            guard requested >= 1 else {
-                throw SandpiperError.invalid("'outputStreamsMaxLength' must be at least 1", code: "InvalidRequestBody")
+        let limit = try Self.streamLimit(body) ?? Self.defaultStreamLimit
+        let execution: ExecutionRequest
+        if pool.type == .shell {
+            execution = try shellExecution(body, pool: pool, outputLimit: limit)
+        } else {
+            if try RequestBody.string(body, "shellCommand") != nil || RequestBody.lookup(body, "execCommandAndArgs") != nil
+                || RequestBody.lookup(body, "command") != nil
+            {
+                throw SandpiperError.invalid(
+                    "shellCommand, execCommandAndArgs and command are for Shell pools; pool '\(pool.name)' is "
+                        + pool.type.rawValue,
+                    code: "InvalidRequestBody"
+                )
             }
-            limit = min(requested, Self.maxStreamLimit)
+            execution = try executionRequest(body, pool: pool, outputLimit: limit)
         }
-        let execution = try executionRequest(body, pool: pool, outputLimit: limit)
         let jupyterFormat = try Self.bool(body, "returnJupyterFormatExecutionResult") || Self.bool(body, "returnJupyterFormat")
         let type = try Self.executionType(body)
         let session = try await call.pool.session(for: identifier)
@@ -52,7 +52,7 @@ extension DataPlaneController {
             id: executionID,
             identifier: identifier,
             type: type,
-            status: outcome.status == .success ? "Succeeded" : "Failed",
+            status: Self.modernStatus(outcome),
             outcome: outcome,
             jupyter: jupyterFormat
         )
@@ -76,7 +76,7 @@ extension DataPlaneController {
                 id: id,
                 identifier: identifier,
                 type: "Asynchronous",
-                status: outcome.status == .success ? "Succeeded" : "Failed",
+                status: Self.modernStatus(outcome),
                 outcome: outcome,
                 jupyter: false
             )
@@ -88,6 +88,66 @@ extension DataPlaneController {
             }
         }
         return Self.json(json, status: .ok, headers: [.operationID: id])
+    }
+
+    /// `Succeeded`/`Failed`; Shell pools answer the exit code as a string (`"0"`, `"2"`).
+    static func modernStatus(_ outcome: ExecutionOutcome) -> String {
+        if let exitCode = outcome.exitCode { return "\(exitCode)" }
+        return outcome.status == .success ? "Succeeded" : "Failed"
+    }
+
+    /// A Shell pool's command: `shellCommand` (a bash command line) or `execCommandAndArgs`
+    /// (alias `command`: argv, quoted for bash), optional `stdin`. `code` is refused, as Azure does.
+    func shellExecution(_ body: [String: JSONValue], pool: PoolConfiguration, outputLimit: Int) throws(SandpiperError) -> ExecutionRequest {
+        let shellCommand = try RequestBody.string(body, "shellCommand")
+        var argv: [String]?
+        for name in ["execCommandAndArgs", "command"] {
+            switch RequestBody.lookup(body, name) {
+            case nil, .null?: continue
+            case .array(let items)?:
+                var strings: [String] = []
+                for item in items {
+                    guard case .string(let text) = item else {
+                        throw SandpiperError.invalid("'\(name)' must be an array of strings", code: "InvalidRequestBody")
+                    }
+                    strings.append(text)
+                }
+                guard !strings.isEmpty else { throw SandpiperError.invalid("'\(name)' is empty", code: "InvalidRequestBody") }
+                argv = strings
+            case .string(let text)?:
+                argv = ["/bin/bash", "-c", text]
+            default:
+                throw SandpiperError.invalid("'\(name)' must be an array of strings", code: "InvalidRequestBody")
+            }
+        }
+        if shellCommand != nil, argv != nil {
+            throw SandpiperError.invalid("send either shellCommand or execCommandAndArgs, not both", code: "InvalidRequestBody")
+        }
+        guard let command = shellCommand ?? argv.map({ $0.map(Self.shellQuote).joined(separator: " ") }) else {
+            throw SandpiperError.invalid(
+                "Shell pools need 'shellCommand' or 'execCommandAndArgs' (code and codeInputType are not accepted)",
+                code: "SessionPropertiesMissing"
+            )
+        }
+        var timeout = pool.defaultExecutionSeconds
+        if let requested = try RequestBody.integer(body, "timeoutInSeconds") {
+            guard requested >= 1 else { throw SandpiperError.invalid("'timeoutInSeconds' must be at least 1", code: "InvalidRequestBody") }
+            timeout = min(requested, pool.maxExecutionSeconds)
+        }
+        return ExecutionRequest(
+            code: command,
+            timeoutSeconds: Double(timeout),
+            outputLimit: outputLimit,
+            stdin: try RequestBody.string(body, "stdin")
+        )
+    }
+
+    /// Single-quotes an argument for bash unless it is plainly safe.
+    static func shellQuote(_ argument: String) -> String {
+        let safe = !argument.isEmpty && argument.unicodeScalars.allSatisfy {
+            CharacterSet.alphanumerics.contains($0) || "-_./=:,@%+".unicodeScalars.contains($0)
+        }
+        return safe ? argument : "'" + argument.replacingOccurrences(of: "'", with: "'\\''") + "'"
     }
 
     static func executionJSON(
@@ -277,6 +337,28 @@ extension DataPlaneController {
         return JSONResponse.make(JSONValue.object(object))
     }
 
+    static func kernel(for type: PoolType, ipython: String, runtime: RuntimeDescription.Package) -> JSONValue {
+        switch type {
+        case .pythonLTS:
+            .object([
+                "name": .string("IPython"), "version": .string(ipython), "projectUrl": .string("https://ipython.org"),
+                "description": .string("Stateful IPython kernel for Python code executions"),
+            ])
+        case .nodeLTS:
+            .object([
+                "name": .string("Sandpiper Node.js agent"), "version": .string(runtime.version),
+                "projectUrl": .string("https://nodejs.org"),
+                "description": .string("Stateful JavaScript context with top-level await for code executions"),
+            ])
+        case .shell:
+            .object([
+                "name": .string("bash"), "version": .string(runtime.version),
+                "projectUrl": .string("https://www.gnu.org/software/bash/"),
+                "description": .string("Persistent bash shell for command executions"),
+            ])
+        }
+    }
+
     func metadata(_ call: Call) async throws -> Response {
         let description = try await call.pool.runtime()
         let ipython = description.packages.first { $0.name.lowercased() == "ipython" }?.version ?? ""
@@ -291,12 +373,7 @@ extension DataPlaneController {
                 ),
                 "createdAt": .string(created),
                 "lastUpdatedAt": .string(created),
-                "jupyterKernel": .object([
-                    "name": .string("IPython"),
-                    "version": .string(ipython),
-                    "projectUrl": .string("https://ipython.org"),
-                    "description": .string("Stateful IPython kernel for Python code executions"),
-                ]),
+                "jupyterKernel": Self.kernel(for: call.pool.configuration.type, ipython: ipython, runtime: description.runtime),
             ])
         )
     }

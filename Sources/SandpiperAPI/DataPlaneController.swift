@@ -115,12 +115,17 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
     func legacyExecute(_ request: Request, _ call: Call) async throws -> Response {
         let identifier = try call.identifier()
         let body = try await RequestBody.json(request)
-        let execution = try executionRequest(body, pool: call.pool.configuration, outputLimit: legacyOutputLimit)
+        let pool = call.pool.configuration
+        var execution = try executionRequest(body, pool: pool, outputLimit: legacyOutputLimit)
+        if pool.type == .shell {
+            execution.stdin = try RequestBody.string(body, "stdin")
+            execution.outputLimit = try Self.streamLimit(body) ?? Self.defaultStreamLimit
+        }
         let session = try await call.pool.session(for: identifier)
         let outcome = try await session.execute(execution)
         let properties: [String: JSONValue] = [
             "$id": .string("2"),
-            "status": .string(outcome.status.rawValue),
+            "status": .string(Self.legacyStatus(outcome, pool: pool)),
             "stdout": .string(outcome.stdout),
             "stderr": .string(outcome.stderr),
             "result": outcome.result,
@@ -128,6 +133,21 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             "executionTimeInMilliseconds": .integer(Int64(outcome.durationMilliseconds.rounded())),
         ]
         return JSONResponse.make(JSONValue.object(["$id": .string("1"), "properties": .object(properties)]))
+    }
+
+    /// `Success`/`Failure`; Shell pools put the exit code there, as a string, as Azure does.
+    static func legacyStatus(_ outcome: ExecutionOutcome, pool: PoolConfiguration) -> String {
+        if pool.type == .shell, let exitCode = outcome.exitCode { return "\(exitCode)" }
+        return outcome.status.rawValue
+    }
+
+    /// `outputStreamsMaxLength` when the body has it.
+    static func streamLimit(_ body: [String: JSONValue]) throws(SandpiperError) -> Int? {
+        guard let requested = try RequestBody.integer(body, "outputStreamsMaxLength") else { return nil }
+        guard requested >= 1 else {
+            throw SandpiperError.invalid("'outputStreamsMaxLength' must be at least 1", code: "InvalidRequestBody")
+        }
+        return min(requested, maxStreamLimit)
     }
 
     func executionRequest(

@@ -1,6 +1,11 @@
 /// The kind of sessions a pool serves (Azure's `containerType`).
 public enum PoolType: String, Sendable, Codable, CaseIterable {
+    /// Stateful IPython kernel.
     case pythonLTS = "PythonLTS"
+    /// Stateful JavaScript on Node.js.
+    case nodeLTS = "NodeLTS"
+    /// A persistent bash.
+    case shell = "Shell"
 
     /// Accepts any casing, as Azure does for enum values.
     public init(caseInsensitive raw: String) throws(SandpiperError) {

@@ -7,11 +7,14 @@ public struct ExecutionRequest: Sendable, Equatable {
     public var timeoutSeconds: Double
     /// Cap for each of stdout and stderr, in bytes.
     public var outputLimit: Int
+    /// Standard input for a shell command (Shell pools); nil means /dev/null.
+    public var stdin: String?
 
-    public init(code: String, timeoutSeconds: Double, outputLimit: Int) {
+    public init(code: String, timeoutSeconds: Double, outputLimit: Int, stdin: String? = nil) {
         self.code = code
         self.timeoutSeconds = timeoutSeconds
         self.outputLimit = outputLimit
+        self.stdin = stdin
     }
 }
 
@@ -33,6 +36,8 @@ public struct ExecutionOutcome: Sendable, Equatable {
     public var durationMilliseconds: Double
     public var stdoutTruncated: Bool
     public var stderrTruncated: Bool
+    /// A shell command's exit status (Shell pools); nil for interpreters.
+    public var exitCode: Int?
 
     public init(
         status: Status,
@@ -43,8 +48,10 @@ public struct ExecutionOutcome: Sendable, Equatable {
         timedOut: Bool = false,
         durationMilliseconds: Double = 0,
         stdoutTruncated: Bool = false,
-        stderrTruncated: Bool = false
+        stderrTruncated: Bool = false,
+        exitCode: Int? = nil
     ) {
+        self.exitCode = exitCode
         self.status = status
         self.stdout = stdout
         self.stderr = stderr

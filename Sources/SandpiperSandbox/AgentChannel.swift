@@ -28,6 +28,7 @@ final class AgentChannel: Sendable {
         var version: String?
         var packages: [Package]?
         var runtime: Package?
+        var exitCode: Int?
 
         struct Package: Decodable, Sendable {
             var name: String
@@ -36,7 +37,7 @@ final class AgentChannel: Sendable {
 
         private enum CodingKeys: String, CodingKey {
             case id, type, status, stdout, stderr, result, jupyterResult, timedOut, durationMs
-            case stdoutTruncated, stderrTruncated, message, pid, version, packages, runtime
+            case stdoutTruncated, stderrTruncated, message, pid, version, packages, runtime, exitCode
         }
 
         init(from decoder: any Decoder) throws {
@@ -58,6 +59,7 @@ final class AgentChannel: Sendable {
             version = try container.decodeIfPresent(String.self, forKey: .version)
             packages = try container.decodeIfPresent([Package].self, forKey: .packages)
             runtime = try container.decodeIfPresent(Package.self, forKey: .runtime)
+            exitCode = try container.decodeIfPresent(Int.self, forKey: .exitCode)
         }
     }
 

@@ -163,6 +163,18 @@ public final class NamespaceBackend: SandboxBackend {
         chmod(etcDirectory, 0o755)
     }
 
+    /// Checks that this host can run the pool: its runtime exists, and egress can be set up.
+    public func validate(_ pool: PoolConfiguration) throws(SandpiperError) {
+        if pool.type == .nodeLTS, access("/usr/bin/node", X_OK) != 0 {
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxBackendUnavailable",
+                "pool '\(pool.name)' is NodeLTS but /usr/bin/node is not installed; run `make setup`"
+            )
+        }
+        if pool.egressEnabled { try checkEgressSupport() }
+    }
+
     /// Egress needs slirp4netns and a /dev/net/tun that unprivileged users may open (mode 0666,
     /// the default on Debian and Ubuntu; `make setup` sets it).
     public func checkEgressSupport() throws(SandpiperError) {

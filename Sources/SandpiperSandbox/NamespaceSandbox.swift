@@ -242,12 +242,20 @@ final class NamespaceSandbox: Sandbox {
         if let networkFDs {
             arguments += ["--info-fd", "\(networkFDs.info)", "--block-fd", "\(networkFDs.block)"]
         }
-        arguments += [
-            "--remount-ro", "/",
-            "--seccomp", "\(seccompFD)",
-            "--", runtime + "/bin/python", "-I", "-X", "frozen_modules=on", "/opt/sandpiper/agents/python/agent.py",
-        ]
+        arguments += ["--remount-ro", "/", "--seccomp", "\(seccompFD)", "--"] + agentCommand(for: spec.pool.type, runtime: runtime)
         return arguments
+    }
+
+    /// The guest agent each pool type runs, as seen inside the sandbox.
+    static func agentCommand(for type: PoolType, runtime: String) -> [String] {
+        switch type {
+        case .pythonLTS:
+            [runtime + "/bin/python", "-I", "-X", "frozen_modules=on", "/opt/sandpiper/agents/python/agent.py"]
+        case .nodeLTS:
+            ["/usr/bin/node", "/opt/sandpiper/agents/node/agent.js"]
+        case .shell:
+            [runtime + "/bin/python", "-I", "/opt/sandpiper/agents/shell/agent.py"]
+        }
     }
 
     // MARK: Sandbox
@@ -256,12 +264,13 @@ final class NamespaceSandbox: Sandbox {
         guard isAlive else {
             throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")
         }
-        let fields: [String: JSONValue] = [
+        var fields: [String: JSONValue] = [
             "type": .string("execute"),
             "code": .string(request.code),
             "timeoutSeconds": .number(request.timeoutSeconds),
             "outputLimit": .integer(Int64(request.outputLimit)),
         ]
+        if let stdin = request.stdin { fields["stdin"] = .string(stdin) }
         let reply: AgentChannel.Reply
         do {
             reply = try await agent.request(
@@ -306,7 +315,8 @@ final class NamespaceSandbox: Sandbox {
             timedOut: reply.timedOut ?? false,
             durationMilliseconds: reply.durationMs ?? 0,
             stdoutTruncated: reply.stdoutTruncated ?? false,
-            stderrTruncated: reply.stderrTruncated ?? false
+            stderrTruncated: reply.stderrTruncated ?? false,
+            exitCode: reply.exitCode
         )
     }
 
@@ -340,7 +350,7 @@ final class NamespaceSandbox: Sandbox {
         guard reply.type == "packages" else {
             throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the agent did not list its packages")
         }
-        let runtime = reply.runtime ?? .init(name: "python", version: "")
+        let runtime = reply.runtime ?? .init(name: "unknown", version: "")
         return RuntimeDescription(
             runtime: .init(name: runtime.name, version: runtime.version),
             packages: (reply.packages ?? []).map { .init(name: $0.name, version: $0.version) }

@@ -82,7 +82,7 @@ struct Serve: AsyncParsableCommand {
             records: store,
             logger: logger
         )
-        if settings.pools.contains(where: \.egressEnabled) { try backend.checkEgressSupport() }
+        for pool in settings.pools { try backend.validate(pool) }
         let pools = settings.pools.map { SessionPool(configuration: $0, backend: backend, logger: logger) }
         let sessions = SessionManager(pools: pools, backends: [backend], logger: logger)
         let router = buildRouter(sessions: sessions, apiKey: apiKey)

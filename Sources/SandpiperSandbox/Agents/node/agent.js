@@ -204,10 +204,19 @@ function supervisor() {
     }
   }
 
+  // Node opens its own descriptors (epoll, eventfd, pipes) at the lowest free
+  // numbers before any JavaScript runs, so "fd 3 is open" proves nothing: the
+  // protocol fds must be pipes, sockets, files or character devices, and the
+  // epoll instance Node creates first would land on a missing fd 3 or fd 4.
   for (const fd of [REQUEST_FD, RESPONSE_FD]) {
+    let usable = false;
     try {
-      fs.fstatSync(fd);
+      const st = fs.fstatSync(fd);
+      usable = st.isFIFO() || st.isSocket() || st.isFile() || st.isCharacterDevice();
     } catch (e) {
+      usable = false;
+    }
+    if (!usable) {
       log('fd 3 (requests) and fd 4 (responses) must be open');
       process.exit(2);
     }
@@ -221,6 +230,20 @@ function supervisor() {
 
   function shutdown() {
     if (worker && worker.child && worker.child.exitCode === null) {
+      // The session is over: end the worker and whatever it started.
+      let pids = [];
+      try {
+        pids = descendants(worker.child.pid);
+      } catch (e) {
+        // best effort
+      }
+      for (const pid of pids) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch (e) {
+          // gone
+        }
+      }
       try {
         worker.child.kill('SIGKILL');
       } catch (e) {
@@ -1035,6 +1058,45 @@ function worker() {
     return /^\s*\{/.test(code) && /\}\s*$/.test(code);
   }
 
+  // Static `import` statements are not valid in a script. When a cell fails
+  // with that error, its simple import forms are rewritten to dynamic
+  // import() calls (then handled like any top-level await):
+  //   import x from 'm'            -> var { default: x } = await import('m');
+  //   import * as ns from 'm'      -> var ns = await import('m');
+  //   import { a, b as c } from 'm' -> var { a, b: c } = await import('m');
+  //   import x, { a } from 'm'     -> var { default: x, a } = await import('m');
+  //   import 'm'                   -> await import('m');
+  // `var` keeps re-running the same cell possible.
+  const IMPORT_RE = new RegExp(
+    String.raw`^([ \t]*)import[ \t]+(?:([A-Za-z_$][\w$]*)[ \t]*(?:,[ \t]*)?)?` +
+    String.raw`(?:\*[ \t]*as[ \t]+([A-Za-z_$][\w$]*)[ \t]*|\{([^}]*)\}[ \t]*)?` +
+    String.raw`(?:from[ \t]*)?(['"])([^'"\n]+)\5[ \t]*(?:with[ \t]*\{[^}]*\}[ \t]*)?;?`, 'gm');
+
+  function rewriteImports(code) {
+    let changed = false;
+    const out = code.replace(IMPORT_RE, (match, indent, def, ns, named, quote, spec) => {
+      if (def === undefined && ns === undefined && named === undefined && /\bfrom\b/.test(match)) return match;
+      if ((def !== undefined || ns !== undefined || named !== undefined) && !/\bfrom\b/.test(match)) return match;
+      if (def !== undefined && ns !== undefined) return match;
+      changed = true;
+      const target = `await import(${JSON.stringify(spec)})`;
+      if (ns !== undefined) return `${indent}var ${ns} = ${target};`;
+      const parts = [];
+      if (def !== undefined) parts.push(`default: ${def}`);
+      if (named !== undefined) {
+        for (const item of named.split(',')) {
+          const t = item.trim();
+          if (!t) continue;
+          const m = /^([\w$]+|"[^"]*"|'[^']*')\s+as\s+([\w$]+)$/.exec(t);
+          parts.push(m ? `${m[1]}: ${m[2]}` : t);
+        }
+      }
+      if (!parts.length) return `${indent}${target};`;
+      return `${indent}var { ${parts.join(', ')} } = ${target};`;
+    });
+    return changed ? out : null;
+  }
+
   function raceDeadline(promise, deadline) {
     return new Promise((resolve) => {
       let timer = null;
@@ -1055,6 +1117,16 @@ function worker() {
 
   async function evaluate(code, deadline) {
     const filename = `<cell-${++cellCount}>`;
+    if (/\bimport\b/.test(code)) {
+      try {
+        compile(code, filename);
+      } catch (e) {
+        if (e instanceof SyntaxError && /Cannot use import statement/.test(e.message)) {
+          const rewritten = rewriteImports(code);
+          if (rewritten !== null) code = rewritten;
+        }
+      }
+    }
     let source = code;
     let wrapped = false;
     let isAsync = false;

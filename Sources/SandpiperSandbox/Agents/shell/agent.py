@@ -972,9 +972,10 @@ def main():
         agent.serve()
     except ChannelClosed:
         pass
-    if agent.bash is not None and agent.bash.alive():
+    if agent.bash is not None:
+        # The session is over: end bash and the jobs it left in its process group.
         try:
-            os.kill(agent.bash.pid, signal.SIGKILL)
+            os.killpg(agent.bash.pid, signal.SIGKILL)
         except OSError:
             pass
     shutil.rmtree(agent.workdir, ignore_errors=True)
