@@ -217,3 +217,54 @@ struct ModernDataPlaneTests {
         }
     }
 }
+
+@Suite("Shell pools over HTTP (fake sandboxes)")
+struct ShellPoolAPITests {
+    static func harness() -> Harness {
+        Harness(pools: [PoolConfiguration(name: "bash", type: .shell, readySessionInstances: 0)])
+    }
+
+    @Test("The exit code is the status, as a string, in both API generations")
+    func exitCodeStatus() async throws {
+        let harness = Self.harness()
+        try await harness.test { client in
+            try await client.execute(uri: "/pools/bash/code/execute?identifier=sh-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"properties":{"code":"exit:2"}}"#)) { response in
+                let properties = try #require(try json(response.body)["properties"] as? [String: Any])
+                #expect(properties["status"] as? String == "2")
+            }
+            try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"shellCommand":"exit:0","stdin":"in"}"#)) { response in
+                let body = try json(response.body)
+                #expect(body["status"] as? String == "0")
+                #expect((body["result"] as? [String: Any])?["stdout"] as? String == "in")
+            }
+        }
+    }
+
+    @Test("execCommandAndArgs and its alias command are quoted for bash; code is refused with SessionPropertiesMissing")
+    func commands() async throws {
+        let harness = Self.harness()
+        let backend = harness.backend
+        try await harness.test { client in
+            for body in [#"{"execCommandAndArgs":["echo","it's","a b","$HOME"]}"#, #"{"command":["echo","it's","a b","$HOME"]}"#] {
+                try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-2", method: .post, headers: auth, body: ByteBuffer(string: body)) {
+                    #expect($0.status == .ok)
+                }
+                let code = backend.sandboxes.withLock { $0.first?.executions.withLock { $0.last?.code } }
+                #expect(code == #"echo 'it'\''s' 'a b' '$HOME'"#)
+            }
+            for (body, code) in [
+                (#"{"code":"ls","codeInputType":"Inline"}"#, "SessionPropertiesMissing"),
+                (#"{}"#, "SessionPropertiesMissing"),
+                (#"{"shellCommand":"ls","execCommandAndArgs":["ls"]}"#, "InvalidRequestBody"),
+                (#"{"execCommandAndArgs":[1,2]}"#, "InvalidRequestBody"),
+                (#"{"execCommandAndArgs":[]}"#, "InvalidRequestBody"),
+            ] {
+                try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-2", method: .post, headers: auth, body: ByteBuffer(string: body)) { response in
+                    #expect(response.status == .badRequest, "\(body)")
+                    try #expect(errorCode(response) == code, "\(body)")
+                }
+            }
+            #expect(backend.sandboxes.withLock { $0.first?.executions.withLock { $0.last?.outputLimit } } == 4096)
+        }
+    }
+}

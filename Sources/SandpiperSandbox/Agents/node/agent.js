@@ -109,8 +109,7 @@ function decodeCapped(buf, limit) {
 }
 
 function formatSeconds(t) {
-  if (Number.isInteger(t)) return String(t);
-  return String(t);
+  return String(t); // 1 -> "1", 0.5 -> "0.5"
 }
 
 function encodeFrame(obj) {
@@ -670,6 +669,12 @@ function supervisor() {
         resolve({ msg, hardTimeout });
       };
       w.pending = (msg) => finish(msg, false);
+      if (w.exited) {
+        // It died after ensureWorker() returned: nothing will answer.
+        w.pending = null;
+        finish(null, false);
+        return;
+      }
       if (timeout !== null) {
         const ms = timeout * 1000;
         const killKids = () => {

@@ -544,12 +544,16 @@ class Agent:
         self.drainer.start()
         self.version = None
         self.tools = None
+        self.process_groups = []
 
     # -- bash lifecycle ----------------------------------------------------
 
     def start_bash(self, cwd=None):
         self.ensure_workdir()
         self.bash = Bash(self.bash_path, self.workdir, cwd or self.home_cwd)
+        # Each bash leads its own process group; background jobs stay in it
+        # after bash is replaced. They are ended when the session ends.
+        self.process_groups.append(self.bash.pid)
 
     def ensure_bash(self):
         if self.bash is None or not self.bash.alive():
@@ -972,10 +976,10 @@ def main():
         agent.serve()
     except ChannelClosed:
         pass
-    if agent.bash is not None:
-        # The session is over: end bash and the jobs it left in its process group.
+    # The session is over: end bash and the jobs left in its process groups.
+    for pgid in agent.process_groups:
         try:
-            os.killpg(agent.bash.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
     shutil.rmtree(agent.workdir, ignore_errors=True)
