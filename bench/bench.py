@@ -40,7 +40,8 @@ import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_VERSION = "2024-02-02-preview"
-SANDBOX_UIDS = range(230000, 240000)
+UID_BASE = 238000  # not the default 230000, which other servers on the machine use
+SANDBOX_UIDS = range(UID_BASE, UID_BASE + 10000)
 DEFAULT_RUNTIME = "/var/lib/sandpiper/runtimes/python"
 DEFAULT_BENCH_VENV = "/var/lib/sandpiper/bench-venv"
 
@@ -90,16 +91,35 @@ def mem_available_kib():
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def sandbox_pss_kib():
-    """Sum of PSS over processes of the sandbox uids (shared pages split between sharers)."""
-    total = 0
-    out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True).stdout
+def descendants(root):
+    """PIDs of every live descendant of `root`."""
+    children = {}
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
     for line in out.splitlines():
-        pid, uid = line.split()
-        if int(uid) not in SANDBOX_UIDS:
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def sandbox_pss_kib(server_pid):
+    """Sum of PSS over this server's sandbox processes (shared pages split between sharers);
+    other servers' sandboxes on the machine are not counted."""
+    total = 0
+    for pid in descendants(server_pid):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                uid = int(next(row for row in f if row.startswith("Uid:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            continue
+        if uid not in SANDBOX_UIDS:
             continue
         try:
-            with open("/proc/%s/smaps_rollup" % pid) as f:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
                 for row in f:
                     if row.startswith("Pss:"):
                         total += int(row.split()[1])
@@ -129,6 +149,7 @@ class Server:
         with open(config, "w") as f:
             json.dump(
                 {
+                    "server": {"sandboxUidBase": UID_BASE},
                     "pools": [
                         {
                             "name": self.pool,
@@ -386,7 +407,7 @@ def measure_memory(server, n):
     server.wait_pool_full()
     time.sleep(1.5)
     before = statistics.fmean(mem_available_kib() for _ in range(3))
-    pss_before = sandbox_pss_kib()
+    pss_before = sandbox_pss_kib(server.proc.pid)
     client = Client(server)
     for _ in range(n):
         client.execute(new_id("idle"), "x = 1")
@@ -394,7 +415,7 @@ def measure_memory(server, n):
     server.wait_pool_full(timeout=240)
     time.sleep(2.0)
     after = statistics.fmean(mem_available_kib() for _ in range(3))
-    pss_after = sandbox_pss_kib()
+    pss_after = sandbox_pss_kib(server.proc.pid)
     return {"sessions": n, "mem_available_delta_mib": (before - after) / 1024.0,
             "per_session_mib": (before - after) / 1024.0 / n, "pss_per_session_mib": (pss_after - pss_before) / 1024.0 / n}
 

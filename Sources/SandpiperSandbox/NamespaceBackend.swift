@@ -107,6 +107,8 @@ public final class NamespaceBackend: SandboxBackend {
                 "the guest agents are missing at \(configuration.agentsDirectory)"
             )
         }
+        try Self.checkTraversable(configuration.stateDirectory, what: "the data directory")
+        try Self.checkTraversable(configuration.pythonRuntime, what: "the Python runtime")
         self.cgroups = try cgroups ?? CgroupSetup.detectHost(groupName: CgroupSetup.groupName(forStateDirectory: configuration.stateDirectory))
         try self.cgroups.prepare()
         try FileManager.default.createDirectory(atPath: configuration.stateDirectory + "/sessions", withIntermediateDirectories: true)
@@ -136,6 +138,25 @@ public final class NamespaceBackend: SandboxBackend {
         chmod(staging, 0o755)
         try? FileManager.default.removeItem(atPath: target)
         try FileManager.default.moveItem(atPath: staging, toPath: target)
+    }
+
+    /// Sandboxes run as unprivileged uids; bubblewrap, running as such a uid, must reach the
+    /// directories it binds. Every ancestor must therefore be searchable by others.
+    static func checkTraversable(_ path: String, what: String) throws(SandpiperError) {
+        var current = URL(fileURLWithPath: path).standardizedFileURL.deletingLastPathComponent().path
+        while current != "/" && !current.isEmpty {
+            var info = stat()
+            if stat(current, &info) == 0, info.st_mode & 0o001 == 0 {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxBackendUnavailable",
+                    "sandbox uids cannot reach \(what) \(path): \(current) is not searchable by other users (mode "
+                        + String(info.st_mode & 0o777, radix: 8) + "); use a directory under a world-searchable path "
+                        + "or run `chmod o+x \(current)`"
+                )
+            }
+            current = (current as NSString).deletingLastPathComponent
+        }
     }
 
     private func writeSeccompProgram() throws {

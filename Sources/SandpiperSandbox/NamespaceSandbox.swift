@@ -20,6 +20,7 @@ final class NamespaceSandbox: Sandbox {
     private let destroyed = Mutex(false)
     private let logger: Logger
     private let memoryLimit: Int64
+    private let stderrTail: OutputTail
 
     /// Time the host grants past the execution timeout for the agent to interrupt the code and
     /// answer before it is declared hung and the sandbox is killed.
@@ -34,9 +35,11 @@ final class NamespaceSandbox: Sandbox {
         agent: AgentChannel,
         backend: NamespaceBackend,
         memoryLimit: Int64,
+        stderrTail: OutputTail,
         logger: Logger
     ) {
         self.memoryLimit = memoryLimit
+        self.stderrTail = stderrTail
         self.id = id
         self.uid = uid
         self.pid = pid
@@ -75,7 +78,9 @@ final class NamespaceSandbox: Sandbox {
         var pid: pid_t = 0
         var networkPID: pid_t = 0
         var openFDs: [Int32] = []
+        var tail: OutputTail?
         func undo() async {
+            tail?.close()
             for fd in openFDs { close(fd) }
             let children = [pid, networkPID].filter { $0 > 0 }
             let unreaped = backend.removeTraces(id: id, children: children, directory: directory, cgroupDirectories: record.cgroupDirectories)
@@ -96,7 +101,9 @@ final class NamespaceSandbox: Sandbox {
             openFDs.append(seccomp)
             let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
             openFDs.append(devNull)
-            let stderrFD = config.inheritAgentStderr ? STDERR_FILENO : devNull
+            let stderrPipe = try Pipe()
+            openFDs += [stderrPipe.read, stderrPipe.write]
+            let stderrFD = config.inheritAgentStderr ? STDERR_FILENO : stderrPipe.write
 
             var fds = [devNull, devNull, stderrFD, toAgent.read, fromAgent.write, seccomp]
             var egressPipes: (info: Pipe, block: Pipe)?
@@ -126,8 +133,10 @@ final class NamespaceSandbox: Sandbox {
             record.pid = pid
             try? await backend.records.save(record)
             // The child has its copies; keep only the host ends.
-            for fd in [toAgent.read, fromAgent.write, seccomp, devNull] { close(fd) }
+            for fd in [toAgent.read, fromAgent.write, seccomp, devNull, stderrPipe.write] { close(fd) }
             openFDs = [toAgent.write, fromAgent.read]
+            let stderrTail = try await OutputTail.drain(stderrPipe.read)
+            tail = stderrTail
             if let egressPipes {
                 close(egressPipes.info.write)
                 close(egressPipes.block.read)
@@ -155,13 +164,21 @@ final class NamespaceSandbox: Sandbox {
                 agent: agent,
                 backend: backend,
                 memoryLimit: limits.memoryBytes,
+                stderrTail: stderrTail,
                 logger: logger
             )
             do {
                 _ = try await agent.waitUntilReady(timeout: config.startupTimeout)
             } catch {
                 await sandbox.destroy()
-                throw error
+                let said = stderrTail.text
+                guard !said.isEmpty else { throw error }
+                let message = (error as? SandpiperError)?.message ?? "\(error)"
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxStartFailed",
+                    "could not start a sandbox: \(message); it said: \(said.suffix(1500))"
+                )
             }
             logger.debug("sandbox ready", metadata: ["uid": "\(uid)", "pid": "\(pid)"])
             return sandbox
@@ -213,10 +230,11 @@ final class NamespaceSandbox: Sandbox {
             arguments += ["--ro-bind", backend.etcDirectory + "/resolv.conf", "/etc/resolv.conf"]
         }
         arguments += [
+            // /tmp first, so that binds below it (a runtime under /tmp) stay visible.
+            "--size", "\(spec.pool.limits.tmpBytes)", "--perms", "1777", "--tmpfs", "/tmp",
             "--ro-bind", runtime, runtime,
             "--ro-bind", backend.installedAgentsDirectory, "/opt/sandpiper/agents",
             "--proc", "/proc", "--dev", "/dev",
-            "--size", "\(spec.pool.limits.tmpBytes)", "--perms", "1777", "--tmpfs", "/tmp",
             "--dir", "/mnt", "--bind", data, "/mnt/data", "--chdir", "/mnt/data",
             "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
             "--clearenv",
@@ -370,6 +388,7 @@ final class NamespaceSandbox: Sandbox {
         }
         guard !already else { return }
         agent.fail(SandpiperError(.sandboxFailure, code: "SessionEnded", "the session was ended"))
+        stderrTail.close()
         let cgroupDirectories = backend.cgroups.directories(for: id)
         let unreaped = backend.removeTraces(
             id: id,

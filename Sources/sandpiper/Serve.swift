@@ -76,7 +76,7 @@ struct Serve: AsyncParsableCommand {
                 stateDirectory: settings.dataDirectory,
                 pythonRuntime: settings.pythonRuntime,
                 agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
-                uidRange: settings.uidBase...(settings.uidBase + 9_999),
+                uidRange: try UIDRangeLock.acquire(base: settings.uidBase, explicit: settings.uidBaseExplicit),
                 inheritAgentStderr: settings.logLevel == "trace"
             ),
             records: store,

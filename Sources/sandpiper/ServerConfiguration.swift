@@ -16,6 +16,8 @@ struct ServerConfiguration: Sendable {
     var pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"]
         ?? "/var/lib/sandpiper/runtimes/python"
     var uidBase: UInt32 = 230_000
+    /// Set in the config file: then only that range is acceptable.
+    var uidBaseExplicit = false
     /// PEM files; both set means HTTPS.
     var tlsCertificate: String?
     var tlsKey: String?
@@ -47,7 +49,13 @@ struct ServerConfiguration: Sendable {
             dataDirectory = try server.string("dataDirectory") ?? dataDirectory
             apiKey = try server.string("apiKey") ?? apiKey
             logLevel = try server.string("logLevel") ?? logLevel
-            if let base = try server.integer("sandboxUidBase") { uidBase = UInt32(clamping: base) }
+            if let base = try server.integer("sandboxUidBase") {
+                guard base >= 1000, base <= 4_000_000_000 else {
+                    throw SandpiperError.invalid("config: server.sandboxUidBase must be between 1000 and 4000000000")
+                }
+                uidBase = UInt32(base)
+                uidBaseExplicit = true
+            }
             tlsCertificate = try server.string("tlsCertificate") ?? tlsCertificate
             tlsKey = try server.string("tlsKey") ?? tlsKey
             try server.finish()

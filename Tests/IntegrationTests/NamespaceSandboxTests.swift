@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 import SandpiperCore
 import Testing
 
@@ -379,6 +380,39 @@ struct NamespaceSandboxTests {
             await sandbox.destroy()  // idempotent
             try await fixture.expectNoTraces(of: sandbox)
         }
+    }
+
+    @Test("A sandbox that cannot start says why, and leaves nothing behind")
+    func startFailureExplained() async throws {
+        let runtime = "/tmp/sandpiper-broken-runtime-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: runtime + "/bin", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: runtime) }
+        try "#!/bin/sh\necho 'interpreter exploded on start' >&2\nexit 3\n".write(toFile: runtime + "/bin/python", atomically: true, encoding: .utf8)
+        chmod(runtime + "/bin/python", 0o755)
+        chmod(runtime, 0o755)
+        chmod(runtime + "/bin", 0o755)
+        let state = "/tmp/sandpiper-it-" + UUID().uuidString.prefix(8).lowercased()
+        let backend = try NamespaceBackend(
+            configuration: .init(
+                stateDirectory: state,
+                pythonRuntime: runtime,
+                agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
+                uidRange: 299_000...299_099
+            ),
+            records: InMemorySandboxRecordStore(),
+            logger: Logger(label: "it", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        do {
+            _ = try await backend.launch(SandboxSpec(id: "broken-\(UUID().uuidString.prefix(8))", pool: Fixture.pool()))
+            Issue.record("the launch should fail")
+        } catch let error as SandpiperError {
+            #expect(error.code == "SandboxStartFailed", "\(error)")
+            #expect(error.message.contains("interpreter exploded on start"), "\(error)")
+        }
+        #expect(backend.cgroups.leftoverSandboxIDs().isEmpty)
+        #expect((try? FileManager.default.contentsOfDirectory(atPath: state + "/sessions"))?.isEmpty == true)
+        for base in backend.cgroups.bases.values { rmdir(base) }
     }
 
     @Test("A restarted server removes the sandboxes a crashed one left behind")

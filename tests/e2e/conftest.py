@@ -31,6 +31,9 @@ from e2e_helpers import SANDBOX_UIDS, TINY_COOLDOWN, Api, Server
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
 API_KEY = "e2e-" + uuid.uuid4().hex  # >= 16 characters
+# Not the default 230000: other Sandpiper servers on this machine (a developer's, another run)
+# hand out 230000 and up, and two servers must not share sandbox uids. Still in 230000-239999.
+UID_BASE = 237000
 
 POOLS = [
     {"name": "python", "readySessionInstances": 2, "maxConcurrentSessions": 8, "cooldownPeriodInSeconds": 300},
@@ -53,6 +56,30 @@ def sandbox_pids(uids=SANDBOX_UIDS):
         if int(uid) in SANDBOX_UIDS and int(uid) in uids:
             pids.append(int(pid))
     return pids
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def under_another_server(pid):
+    """True when a live `sandpiper` process is an ancestor of pid: a sandbox of another server
+    on this machine (the lead's, another test run's), not one this server left behind."""
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        pid = _ppid(pid)
+        try:
+            # "sandpiper (deleted)" when the binary was rebuilt under a running server
+            if os.path.basename(os.readlink("/proc/%d/exe" % pid)).startswith("sandpiper"):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def mounts_under(directory):
@@ -108,7 +135,7 @@ def server():
     data_dir = os.path.join(tmp, "data")
     config = os.path.join(tmp, "config.json")
     with open(config, "w") as f:
-        json.dump({"pools": POOLS}, f)
+        json.dump({"server": {"sandboxUidBase": UID_BASE}, "pools": POOLS}, f)
     port_file = os.path.join(tmp, "port")
     log_path = os.path.join(tmp, "server.log")
     env = dict(os.environ, SANDPIPER_API_KEY=API_KEY)
@@ -142,13 +169,18 @@ def server():
         leftover_mounts = mounts_under(data_dir)
         # Sandbox processes are killed by the server; give the kernel a moment to reap them. Only
         # the uids this server used count ("sandbox ready ... uid=N" at debug level), so that
-        # another Sandpiper on the machine (the lead's, CI's) cannot fail this check.
+        # another Sandpiper on the machine (a developer's, CI's) cannot fail this check; nor can
+        # sandboxes whose parent is another live server.
         ours = {int(u) for u in re.findall(r"uid=(\d+)", text)} or SANDBOX_UIDS
         deadline = time.monotonic() + 10
-        leftover = set(sandbox_pids(ours)) - preexisting
+
+        def ours_left():
+            return {p for p in set(sandbox_pids(ours)) - preexisting if not under_another_server(p)}
+
+        leftover = ours_left()
         while leftover and time.monotonic() < deadline:
             time.sleep(0.2)
-            leftover = set(sandbox_pids(ours)) - preexisting
+            leftover = ours_left()
         if not leftover_mounts:
             shutil.rmtree(tmp, ignore_errors=True)
         assert rc is not None, "sandpiper did not exit within 60 s of SIGTERM:\n" + text[-5000:]

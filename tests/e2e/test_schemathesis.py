@@ -54,11 +54,13 @@ IDENTIFIERS = ("st-session-a", "st-session-b", "st-session+c/d%e")
 IDENTIFIER_RE = re.compile(r"^[\x21-\x5B\x5D-\x7E]{4,128}$")
 # Fuzzed cases per operation (the examples and coverage phases add their own, bounded, cases).
 MAX_EXAMPLES = int(os.environ.get("SANDPIPER_SCHEMATHESIS_EXAMPLES", "12"))
+# A fixed seed makes the run reproducible (schemathesis derives one per operation from it).
+SEED = int(os.environ.get("SANDPIPER_SCHEMATHESIS_SEED", "20241002"))
 REQUEST_TIMEOUT = 60
 
 try:
     import schemathesis
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 except ImportError as error:  # pragma: no cover - depends on the venv
     schemathesis = None
     IMPORT_ERROR = error
@@ -82,6 +84,95 @@ def _our_processes(marker):
     return pids
 
 
+def _crash_excerpt(text):
+    """The fatal error line and the crashed thread's first frames of a Swift crash report."""
+    lines = text.splitlines()
+    out = [line for line in lines if "Fatal error" in line or "Program crashed" in line]
+    for index, line in enumerate(lines):
+        if line.endswith("crashed:"):
+            out += [frame[:220] for frame in lines[index:index + 16]]
+            break
+    return "\n".join(out) or text[-3000:]
+
+
+class StServer:
+    """One `sandpiper serve` on a private data directory. If it dies (a crash), `ensure_running` records
+    the crash and starts a new one on the same data directory (which also removes what the dead one
+    left), so one crash does not turn every later operation into a connection error."""
+
+    def __init__(self, binary, tmp):
+        self.binary = binary
+        self.tmp = tmp
+        self.data_dir = os.path.join(tmp, "data")
+        self.config = os.path.join(tmp, "config.json")
+        with open(self.config, "w") as f:
+            json.dump({"pools": [POOL]}, f)
+        self.key = API_KEY
+        self.crashes = []
+        self.starts = 0
+        self.proc = None
+        self.srv = None
+
+    @property
+    def base(self):
+        return self.srv.base
+
+    def start(self):
+        self.starts += 1
+        port_file = os.path.join(self.tmp, "port")
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        self.log_path = os.path.join(self.tmp, "server-%d.log" % self.starts)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [self.binary, "serve", "--data-dir", self.data_dir, "--port", "0", "--port-file", port_file,
+             "--config", self.config, "--log-level", "debug"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, SANDPIPER_API_KEY=API_KEY),
+        )
+        port = None
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail("sandpiper exited with %s before listening:\n%s" % (self.proc.returncode, self.log_text()))
+            try:
+                port = int(Path(port_file).read_text().strip())
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        if port is None:
+            pytest.fail("sandpiper did not write its port file within 120 s:\n" + self.log_text())
+        self.srv = Server("http://127.0.0.1:%d" % port, API_KEY, self.data_dir, self.log_path, self.proc)
+        # Let the initial pool fill finish so the first operations do not time the cold start.
+        deadline = time.monotonic() + 60
+        while self.srv.log().count("sandbox ready") < POOL["readySessionInstances"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def log_text(self):
+        return Path(self.log_path).read_text(errors="replace")
+
+    def ensure_running(self):
+        if self.proc.poll() is None:
+            return
+        self.log.close()
+        self.crashes.append("exit status %s (log %s):\n%s" % (self.proc.returncode, self.log_path, _crash_excerpt(self.log_text())))
+        self.start()
+
+    def stop(self):
+        """SIGTERM; returns the exit status (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = None
+        self.log.close()
+        return rc
+
+
 @pytest.fixture(scope="module")
 def st_server():
     binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
@@ -96,65 +187,33 @@ def st_server():
 
     tmp = tempfile.mkdtemp(prefix="sandpiper-st-")
     os.chmod(tmp, 0o711)  # sandbox uids traverse it to reach their bind-mounted data
-    data_dir = os.path.join(tmp, "data")
-    config = os.path.join(tmp, "config.json")
-    with open(config, "w") as f:
-        json.dump({"pools": [POOL]}, f)
-    port_file = os.path.join(tmp, "port")
-    log_path = os.path.join(tmp, "server.log")
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [binary, "serve", "--data-dir", data_dir, "--port", "0", "--port-file", port_file,
-         "--config", config, "--log-level", "debug"],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, SANDPIPER_API_KEY=API_KEY),
-    )
+    server = StServer(binary, tmp)
     try:
-        port = None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("sandpiper exited with %s before listening:\n%s" % (proc.returncode, Path(log_path).read_text()))
-            try:
-                port = int(Path(port_file).read_text().strip())
-            except (OSError, ValueError):
-                time.sleep(0.1)
-        if port is None:
-            pytest.fail("sandpiper did not write its port file within 120 s:\n" + Path(log_path).read_text())
-        srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
-        # Let the initial pool fill finish so the first operations do not time the cold start.
-        deadline = time.monotonic() + 60
-        while srv.log().count("sandbox ready") < POOL["readySessionInstances"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        yield srv
+        server.start()
+        yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
-        log.close()
-        text = Path(log_path).read_text(errors="replace")
+        rc = server.stop() if server.proc is not None else 0
+        if rc != 0 and server.proc is not None:
+            # A crash at the very end: clean up after it with one more start.
+            server.crashes.append("exit status %s at shutdown (log %s):\n%s" % (rc, server.log_path, _crash_excerpt(server.log_text())))
+            server.start()
+            rc = server.stop()
         deadline = time.monotonic() + 10
-        leftover = _our_processes(data_dir)
+        leftover = _our_processes(server.data_dir)
         while leftover and time.monotonic() < deadline:
             time.sleep(0.2)
-            leftover = _our_processes(data_dir)
+            leftover = _our_processes(server.data_dir)
         with open("/proc/self/mountinfo") as f:
-            mounts = [line for line in f if " " + data_dir + "/" in line or " " + data_dir + " " in line]
-        if not mounts:
+            mounts = [line for line in f if " " + server.data_dir + "/" in line or " " + server.data_dir + " " in line]
+        if rc == 0 and not mounts and not leftover and not server.crashes:
             shutil.rmtree(tmp, ignore_errors=True)
-        assert rc == 0, "sandpiper exited with %s after SIGTERM:\n%s" % (rc, text[-5000:])
-        assert not mounts, "mounts left under %s: %s" % (data_dir, mounts)
+        assert not server.crashes, "sandpiper crashed %d time(s):\n\n%s" % (len(server.crashes), "\n\n".join(server.crashes))
+        assert rc == 0, "sandpiper exited with %s after SIGTERM (log %s):\n%s" % (rc, server.log_path, server.log_text()[-5000:])
+        assert not mounts, "mounts left under %s: %s" % (server.data_dir, mounts)
         assert not leftover, "sandbox processes left after shutdown: %s" % leftover
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def http(st_server):
     with requests.Session() as session:
         yield session
@@ -197,7 +256,7 @@ if schemathesis is None:
         pytest.skip(message)
 
 else:
-    schema = schemathesis.openapi.from_path(SCHEMA_PATH)
+    schema = schemathesis.openapi.from_path(SCHEMA_PATH, config=schemathesis.config.SchemathesisConfig.from_dict({"seed": SEED}))
     CHECKS = [
         schemathesis.checks.not_a_server_error,
         schemathesis.checks.status_code_conformance,
@@ -214,13 +273,21 @@ else:
         database=None,
         print_blob=True,
         suppress_health_check=list(HealthCheck),
+        # No shrinking: every failing request is a real one against the live server, and shrinking a
+        # crash would restart the server over and over. The reported example is the one that failed.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
     )
     def test_openapi_conformance(case, st_server, http):
+        st_server.ensure_running()
         steer(case)
-        case.call_and_validate(
+        with open("/tmp/st_cases.log", "a") as f:
+            f.write("%s %s %s %s\n" % (case.operation.label, getattr(case, "meta", None) and case.meta.phase.name, case.query, str(case.body)[:80]))
+        r = case.call_and_validate(
             base_url=st_server.base,
             session=http,
             headers={"Authorization": "Bearer " + st_server.key},
             checks=CHECKS,
             timeout=REQUEST_TIMEOUT,
         )
+        with open("/tmp/st_status.log", "a") as f:
+            f.write("%s %s %s %s\n" % (case.operation.label, case.meta.phase.name, r.status_code, r.text[:150].replace("\n", " ")))
