@@ -38,6 +38,7 @@ enum MultipartUpload {
         var part = Part()
         var writer: (any SandboxFileWriter)?
         var written: Int64 = 0
+        var pendingBytes: [UInt8] = []
         var result: FileEntry?
         var sawAnyPart = false
 
@@ -76,10 +77,16 @@ enum MultipartUpload {
                             guard part.isFile else { continue }
                             writer = try await open(part.fileName ?? "")
                         }
-                        guard let writer, part.isFile else { continue }
+                        guard writer != nil, part.isFile else { continue }
                         written += Int64(buffer.readableBytes)
                         if written > maxBytes { throw tooLarge(maxBytes) }
-                        try await writer.write(Array(buffer.readableBytesView))
+                        // The parser hands out many small slices (it splits at every CR): write in
+                        // larger batches.
+                        pendingBytes.append(contentsOf: buffer.readableBytesView)
+                        if pendingBytes.count >= 256 << 10, let writer {
+                            try await writer.write(pendingBytes)
+                            pendingBytes.removeAll(keepingCapacity: true)
+                        }
                     case .partComplete:
                         if result == nil {
                             part = classify(part)
@@ -87,6 +94,10 @@ enum MultipartUpload {
                                 // An empty file has no body event: create it now.
                                 let target: any SandboxFileWriter
                                 if let writer { target = writer } else { target = try await open(part.fileName ?? "") }
+                                if !pendingBytes.isEmpty {
+                                    try await target.write(pendingBytes)
+                                    pendingBytes.removeAll()
+                                }
                                 writer = nil
                                 result = try await target.finish()
                             }

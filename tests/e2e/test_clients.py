@@ -20,10 +20,14 @@ How each client trusts the self-signed certificate, without changing the client:
 
 The client packages are pinned in tests/requirements-clients.txt; a client that is not installed
 skips its tests. Session budget on `python` (max 20): one identifier per client, four in all.
+
+Client quirks met here (the clients', not the server's): LangChain's bash sanitizer strips a
+leading "sh"/"bash" even inside a word ("sha256sum ..." is sent as "a256sum ..."); AutoGen's
+get_available_packages() on a fresh executor fails (no token yet) until a first execution; AutoGen
+0.7.5 checks only `!pip install` lines against its package probe, not imports.
 """
 
 import asyncio
-import base64
 import hashlib
 import io
 import json
@@ -439,7 +443,8 @@ def test_autogen_package_probe(ag):
     pretty-printed list repr (`.strip("[]").split(",\\n")`)."""
     from autogen_core import CancellationToken
 
-    packages = asyncio.run(ag.executor.get_available_packages(CancellationToken()))
+    ag_run(ag, ("python", "None"))  # the first execution runs the probe (and fetches the token)
+    packages = asyncio.run(ag.executor.get_available_packages(CancellationToken()))  # its cached set
     assert {"numpy", "pandas", "matplotlib", "scipy", "scikit-learn", "sympy"} <= packages, sorted(packages)[:20]
     assert len(packages) > 30
     # 0.7.5 checks `!pip install` lines (not imports) against that set. The line sits in a string
@@ -458,22 +463,13 @@ def test_autogen_package_probe(ag):
     assert missing.exit_code == 1 and "unavailable" in missing.output and "surely-not-installed-pkg" in missing.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the first `import pkg_resources` in a session prints a DeprecationWarning on stderr (IPython shows "
-    "DeprecationWarnings raised from user code); AutoGen parses stderr+stdout+result, so the warning is "
-    "glued to the first package name and that package is lost from the set"))
-def test_autogen_package_probe_output_is_clean(srv, ag):
-    """The first probe of a fresh session: every parsed name must be a plain package name."""
+def test_autogen_package_probe_output_is_clean(ag):
+    """Every name AutoGen parsed from the probe must be a plain package name. (The raw view of the
+    same bug: the probe's first run in a session must answer stderr "".)"""
     from autogen_core import CancellationToken
 
-    mod = pytest.importorskip("autogen_ext.code_executors.azure")
-    executor = mod.ACADynamicSessionsCodeExecutor(
-        pool_management_endpoint=srv.pool_url("python"),
-        credential=ag.credential,
-        work_dir=ag.work,
-        session_id="e2e-ag-probe-" + str(uuid.uuid4()),
-    )
-    packages = asyncio.run(executor.get_available_packages(CancellationToken()))
+    ag_run(ag, ("python", "None"))
+    packages = asyncio.run(ag.executor.get_available_packages(CancellationToken()))  # the cached set
     assert {"numpy", "pandas"} <= packages
     dirty = [p for p in packages if not p or any(c in p for c in "[]'\n :")]
     assert not dirty, dirty

@@ -575,6 +575,11 @@ def make_ipython_shell(agent):
     for name in ("exit", "quit"):
         shell.user_ns[name] = exiter
         shell.user_ns_hidden[name] = exiter
+    # IPython shows DeprecationWarnings raised from cells; setuptools' notice on
+    # `import pkg_resources` would then prefix AutoGen's package probe output.
+    # This must come after the shell exists: IPython inserts its own filter first.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated",
+                            category=DeprecationWarning)
     formatter = shell.display_formatter
     try:
         formatter.active_types = ["text/plain", "image/png", "image/jpeg"]
