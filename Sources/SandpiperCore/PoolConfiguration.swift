@@ -19,6 +19,23 @@ public enum PoolType: String, Sendable, Codable, CaseIterable {
     }
 }
 
+/// How strongly a pool's sessions are walled off from the host.
+public enum IsolationTier: String, Sendable, Codable, CaseIterable {
+    /// Linux namespaces, seccomp and cgroups around a process on the host kernel (bubblewrap).
+    case namespaces
+    /// gVisor: a user-space kernel (runsc, ptrace platform) between the session and the host.
+    case gvisor
+
+    public init(caseInsensitive raw: String) throws(SandpiperError) {
+        guard let match = Self.allCases.first(where: { $0.rawValue == raw.lowercased() }) else {
+            throw SandpiperError.invalid(
+                "unknown isolation '\(raw)'; valid: \(Self.allCases.map(\.rawValue).joined(separator: ", "))"
+            )
+        }
+        self = match
+    }
+}
+
 /// Resource limits applied to every session of a pool.
 public struct SessionLimits: Sendable, Equatable, Codable {
     /// Memory (RSS + tmpfs pages of /tmp) in bytes; the sandbox is OOM-killed above it.
@@ -59,6 +76,8 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var cooldownPeriodInSeconds: Int
     /// Outbound network for sessions. Off: loopback only.
     public var egressEnabled: Bool
+    /// The isolation tier the pool's sandboxes run in.
+    public var isolation: IsolationTier
     public var limits: SessionLimits
     /// Upper bound for one execution, whatever the caller asks (Azure: 220 s).
     public var maxExecutionSeconds: Int
@@ -74,6 +93,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         maxConcurrentSessions: Int = 20,
         cooldownPeriodInSeconds: Int = 300,
         egressEnabled: Bool = false,
+        isolation: IsolationTier = .namespaces,
         limits: SessionLimits = SessionLimits(),
         maxExecutionSeconds: Int = 220,
         defaultExecutionSeconds: Int = 220,
@@ -85,6 +105,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         self.maxConcurrentSessions = maxConcurrentSessions
         self.cooldownPeriodInSeconds = cooldownPeriodInSeconds
         self.egressEnabled = egressEnabled
+        self.isolation = isolation
         self.limits = limits
         self.maxExecutionSeconds = maxExecutionSeconds
         self.defaultExecutionSeconds = defaultExecutionSeconds

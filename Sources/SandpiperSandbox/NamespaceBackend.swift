@@ -22,6 +22,8 @@ public final class NamespaceBackend: SandboxBackend {
         public var bubblewrap: String
         public var setpriv: String
         public var slirp4netns: String
+        /// gVisor's runtime, for pools with `isolation: gvisor`.
+        public var runsc: String
         public var startupTimeout: Duration
         /// Send the agents' own stderr to the server's (for debugging the agents).
         public var inheritAgentStderr: Bool
@@ -34,6 +36,7 @@ public final class NamespaceBackend: SandboxBackend {
             bubblewrap: String = "/usr/bin/bwrap",
             setpriv: String = "/usr/bin/setpriv",
             slirp4netns: String = "/usr/bin/slirp4netns",
+            runsc: String = "/usr/bin/runsc",
             startupTimeout: Duration = .seconds(60),
             inheritAgentStderr: Bool = false
         ) {
@@ -44,6 +47,7 @@ public final class NamespaceBackend: SandboxBackend {
             self.bubblewrap = bubblewrap
             self.setpriv = setpriv
             self.slirp4netns = slirp4netns
+            self.runsc = runsc
             self.startupTimeout = startupTimeout
             self.inheritAgentStderr = inheritAgentStderr
         }
@@ -64,6 +68,7 @@ public final class NamespaceBackend: SandboxBackend {
     var sessionsDirectory: String { configuration.stateDirectory + "/sessions" }
     var seccompPath: String { configuration.stateDirectory + "/seccomp.bpf" }
     var etcDirectory: String { configuration.stateDirectory + "/etc" }
+    var gvisorRootDirectory: String { configuration.stateDirectory + "/gvisor-root" }
 
     /// Checks the host and prepares shared files. Throws with a message that says what is
     /// missing (not root, no bubblewrap, no runtime, no cgroups).
@@ -117,6 +122,7 @@ public final class NamespaceBackend: SandboxBackend {
         try writeSeccompProgram()
         try writeEtcFiles()
         try installAgents()
+        try GVisorBundle.prepareRoot(at: gvisorRootDirectory, runtime: configuration.pythonRuntime)
     }
 
     /// Sandboxes bind the agents from the state directory, which every sandbox uid can reach
@@ -193,7 +199,48 @@ public final class NamespaceBackend: SandboxBackend {
                 "pool '\(pool.name)' is NodeLTS but /usr/bin/node is not installed; run `make setup`"
             )
         }
+        if pool.isolation == .gvisor {
+            if let reason = Self.gvisorUnavailableReason(runsc: configuration.runsc) {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "IsolationTierUnavailable",
+                    "pool '\(pool.name)' asks for isolation gvisor, which this host cannot run: \(reason)"
+                )
+            }
+            if pool.egressEnabled {
+                throw SandpiperError(
+                    .unsupported,
+                    code: "IsolationTierUnavailable",
+                    "pool '\(pool.name)': egress is not available with isolation gvisor yet; use namespaces or turn egress off"
+                )
+            }
+        }
         if pool.egressEnabled { try checkEgressSupport() }
+    }
+
+    /// Why gVisor cannot run here, or nil when a trial sandbox ran (`runsc do /bin/true`).
+    public static func gvisorUnavailableReason(runsc: String = "/usr/bin/runsc") -> String? {
+        guard access(runsc, X_OK) == 0 else { return "runsc is not installed at \(runsc) (apt-get install runsc, or `make setup`)" }
+        guard geteuid() == 0 else { return "runsc must be started as root" }
+        let root = "/tmp/sandpiper-runsc-probe-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(devNull) }
+        guard let pid = try? ChildProcess.spawn(
+            executable: runsc,
+            arguments: ["--root", root, "--platform=ptrace", "--network=none", "do", "/bin/true"],
+            fds: [devNull, devNull, devNull]
+        ) else { return "runsc could not be started" }
+        var status: Int32 = 0
+        for _ in 0..<300 {
+            if waitpid(pid, &status, WNOHANG) == pid {
+                return status == 0 ? nil : "a trial `runsc --platform=ptrace do /bin/true` failed (status \(status))"
+            }
+            usleep(20_000)
+        }
+        kill(pid, SIGKILL)
+        waitpid(pid, &status, 0)
+        return "a trial `runsc --platform=ptrace do /bin/true` did not finish in 6 s"
     }
 
     /// Egress needs slirp4netns and a /dev/net/tun that unprivileged users may open (mode 0666,

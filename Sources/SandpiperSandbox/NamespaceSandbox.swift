@@ -91,7 +91,10 @@ final class NamespaceSandbox: Sandbox {
         do {
             try await backend.records.save(record)
             try makeDataMount(directory: directory, data: data, uid: uid, limits: limits)
-            let procs = try backend.cgroups.create(sandboxID: id, limits: limits)
+            var cgroupLimits = limits
+            // gVisor's sentry and gofer run many threads of their own in the sandbox's pids group.
+            if spec.pool.isolation == .gvisor { cgroupLimits.pids += 512 }
+            let procs = try backend.cgroups.create(sandboxID: id, limits: cgroupLimits)
 
             let toAgent = try Pipe()
             let fromAgent = try Pipe()
@@ -113,22 +116,40 @@ final class NamespaceSandbox: Sandbox {
                 fds += [pipes.info.write, pipes.block.read]
                 egressPipes = pipes
             }
-            let bwrapArguments = bubblewrapArguments(
-                spec: spec,
-                backend: backend,
-                data: data,
-                seccompFD: 5,
-                networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
-            )
-            // The shell joins the cgroups before anything else runs, then drops to the session
-            // uid; bubblewrap does all isolation before the agent starts.
+            // The shell joins the cgroups before anything else runs; the launcher it execs does all
+            // isolation before the agent starts.
             let script = #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
-            let arguments =
-                ["-c", script, "sandpiper-launch"] + procs + ["--"]
-                + [
-                    config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
-                    "--inh-caps=-all", "--", config.bubblewrap,
-                ] + bwrapArguments
+            let launcher: [String]
+            switch spec.pool.isolation {
+            case .namespaces:
+                // Drop to the session uid, then bubblewrap.
+                launcher =
+                    [
+                        config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
+                        "--inh-caps=-all", "--", config.bubblewrap,
+                    ]
+                    + bubblewrapArguments(
+                        spec: spec,
+                        backend: backend,
+                        data: data,
+                        seccompFD: 5,
+                        networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
+                    )
+            case .gvisor:
+                // runsc must start as root; the agent runs as the session uid inside gVisor.
+                let bundle = try GVisorBundle.write(
+                    spec: spec,
+                    backend: backend,
+                    directory: directory,
+                    data: data,
+                    uid: uid,
+                    environment: sandboxEnvironment(runtime: config.pythonRuntime),
+                    command: agentCommand(for: spec.pool.type, runtime: config.pythonRuntime)
+                )
+                launcher = GVisorBundle.arguments(runsc: config.runsc, directory: directory, bundle: bundle, id: id)
+                fds = [toAgent.read, fromAgent.write, stderrFD]
+            }
+            let arguments = ["-c", script, "sandpiper-launch"] + procs + ["--"] + launcher
             pid = try ChildProcess.spawn(executable: "/bin/sh", arguments: arguments, fds: fds)
             record.pid = pid
             try? await backend.records.save(record)
@@ -238,30 +259,38 @@ final class NamespaceSandbox: Sandbox {
             "--dir", "/mnt", "--bind", data, "/mnt/data", "--chdir", "/mnt/data",
             "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
             "--clearenv",
-            "--setenv", "PATH", runtime + "/bin:/usr/local/bin:/usr/bin:/bin",
-            "--setenv", "HOME", "/tmp",
-            "--setenv", "USER", "user",
-            "--setenv", "LANG", "C.UTF-8",
-            "--setenv", "MPLBACKEND", "Agg",
-            "--setenv", "MPLCONFIGDIR", "/tmp/.matplotlib",
-            "--setenv", "IPYTHONDIR", "/tmp/.ipython",
-            "--setenv", "XDG_CACHE_HOME", "/tmp/.cache",
-            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            "--setenv", "PYTHONUNBUFFERED", "1",
-            "--setenv", "OPENBLAS_NUM_THREADS", "1",
-            "--setenv", "OMP_NUM_THREADS", "1",
         ]
-        // Older OpenBLAS builds need these on some processors (see the machine notes).
-        for name in ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"] {
-            if let value = ProcessInfo.processInfo.environment[name] {
-                arguments += ["--setenv", name, value]
-            }
+        for (name, value) in sandboxEnvironment(runtime: runtime) {
+            arguments += ["--setenv", name, value]
         }
         if let networkFDs {
             arguments += ["--info-fd", "\(networkFDs.info)", "--block-fd", "\(networkFDs.block)"]
         }
         arguments += ["--remount-ro", "/", "--seccomp", "\(seccompFD)", "--"] + agentCommand(for: spec.pool.type, runtime: runtime)
         return arguments
+    }
+
+    /// The environment every agent starts with (both tiers).
+    static func sandboxEnvironment(runtime: String) -> [(String, String)] {
+        var environment = [
+            ("PATH", runtime + "/bin:/usr/local/bin:/usr/bin:/bin"),
+            ("HOME", "/tmp"),
+            ("USER", "user"),
+            ("LANG", "C.UTF-8"),
+            ("MPLBACKEND", "Agg"),
+            ("MPLCONFIGDIR", "/tmp/.matplotlib"),
+            ("IPYTHONDIR", "/tmp/.ipython"),
+            ("XDG_CACHE_HOME", "/tmp/.cache"),
+            ("PYTHONDONTWRITEBYTECODE", "1"),
+            ("PYTHONUNBUFFERED", "1"),
+            ("OPENBLAS_NUM_THREADS", "1"),
+            ("OMP_NUM_THREADS", "1"),
+        ]
+        // Older OpenBLAS builds need these on some processors (see the machine notes).
+        for name in ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"] {
+            if let value = ProcessInfo.processInfo.environment[name] { environment.append((name, value)) }
+        }
+        return environment
     }
 
     /// The guest agent each pool type runs, as seen inside the sandbox.

@@ -87,6 +87,7 @@ struct ServerConfiguration: Sendable {
         pool.maxConcurrentSessions = try reader.integer("maxConcurrentSessions") ?? pool.maxConcurrentSessions
         pool.cooldownPeriodInSeconds = try reader.integer("cooldownPeriodInSeconds") ?? pool.cooldownPeriodInSeconds
         pool.egressEnabled = try reader.bool("egressEnabled") ?? pool.egressEnabled
+        if let isolation = try reader.string("isolation") { pool.isolation = try IsolationTier(caseInsensitive: isolation) }
         pool.maxExecutionSeconds = try reader.integer("maxExecutionSeconds") ?? pool.maxExecutionSeconds
         pool.defaultExecutionSeconds = try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)
         pool.maxUploadBytes = try reader.size("maxUploadSize") ?? pool.maxUploadBytes

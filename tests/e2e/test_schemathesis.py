@@ -60,7 +60,7 @@ STOPPED_IDENTIFIER = "st-to-be-stopped"
 STOP_SEEDS = 3
 IDENTIFIER_RE = re.compile(r"^[\x21-\x5B\x5D-\x7E]{4,128}$")
 # Fuzzed cases per operation (the examples and coverage phases add their own, bounded, cases).
-MAX_EXAMPLES = int(os.environ.get("SANDPIPER_SCHEMATHESIS_EXAMPLES", "12"))
+MAX_EXAMPLES = int(os.environ.get("SANDPIPER_SCHEMATHESIS_EXAMPLES", "20"))
 # A fixed seed makes the run reproducible (schemathesis derives one per operation from it).
 SEED = int(os.environ.get("SANDPIPER_SCHEMATHESIS_SEED", "20241002"))
 REQUEST_TIMEOUT = 60
