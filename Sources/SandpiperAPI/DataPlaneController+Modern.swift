@@ -43,7 +43,12 @@ extension DataPlaneController {
         ]
         headers[.contentType] = "application/json; charset=utf-8"
         if type == "Asynchronous" {
-            _ = try await sessions.executions.start(id: executionID, session: session, request: execution)
+            _ = try await sessions.executions.start(
+                id: executionID,
+                session: session,
+                request: execution,
+                jupyterFormat: jupyterFormat
+            )
             let body = Self.executionJSON(id: executionID, identifier: identifier, type: type, status: "Running", outcome: nil, jupyter: false)
             return Self.json(body, status: .accepted, headers: headers)
         }
@@ -78,7 +83,7 @@ extension DataPlaneController {
                 type: "Asynchronous",
                 status: Self.modernStatus(outcome),
                 outcome: outcome,
-                jupyter: false
+                jupyter: record.jupyterFormat
             )
         case .failed(let error):
             json = Self.executionJSON(id: id, identifier: identifier, type: "Asynchronous", status: "Failed", outcome: nil, jupyter: false)

@@ -1,6 +1,5 @@
 import Foundation
 import Hummingbird
-import MultipartKit
 import SandpiperCore
 
 /// Receives a `multipart/form-data` upload and streams its `file` part straight into the
@@ -11,15 +10,6 @@ enum MultipartUpload {
         var headers: [(String, String)] = []
         var isFile = false
         var fileName: String?
-    }
-
-    private final class Events {
-        enum Event {
-            case header(String, String)
-            case body(ByteBuffer)
-            case partComplete
-        }
-        var pending: [Event] = []
     }
 
     /// - Parameters:
@@ -33,14 +23,14 @@ enum MultipartUpload {
             throw tooLarge(maxBytes)
         }
         var boundary = headerBoundary(request.headers[.contentType])
-        var parser: MultipartParser?
-        let events = Events()
-        var part = Part()
+        var parser: MultipartStreamParser?
+        var part: Part?
         var writer: (any SandboxFileWriter)?
         var written: Int64 = 0
-        var pendingBytes: [UInt8] = []
         var result: FileEntry?
         var sawAnyPart = false
+        // Small chunks are gathered and written in larger batches.
+        var pendingBytes: [UInt8] = []
 
         do {
             for try await chunk in request.body {
@@ -52,57 +42,38 @@ enum MultipartUpload {
                             code: "InvalidMultipartBody"
                         )
                     }
-                    let created = MultipartParser(boundary: boundary)
-                    created.onHeader = { name, value in events.pending.append(.header(name, value)) }
-                    created.onBody = { buffer in events.pending.append(.body(buffer)) }
-                    created.onPartComplete = { events.pending.append(.partComplete) }
-                    parser = created
+                    parser = MultipartStreamParser(boundary: boundary)
                 }
-                do {
-                    try parser?.execute(chunk)
-                } catch {
-                    throw SandpiperError.invalid("the multipart body is malformed", code: "InvalidMultipartBody")
-                }
-                let batch = events.pending
-                events.pending.removeAll(keepingCapacity: true)
-                for event in batch {
+                guard var current = parser else { break }
+                let events = try current.feed(chunk)
+                parser = current
+                for event in events {
                     switch event {
-                    case .header(let name, let value):
+                    case .headers(let headers):
                         sawAnyPart = true
-                        part.headers.append((name, value))
-                    case .body(let buffer):
-                        guard result == nil else { continue }
-                        if writer == nil {
-                            part = classify(part)
-                            guard part.isFile else { continue }
+                        part = classify(Part(headers: headers))
+                        if result == nil, let part, part.isFile {
                             writer = try await open(part.fileName ?? "")
                         }
-                        guard writer != nil, part.isFile else { continue }
+                    case .body(let buffer):
+                        guard let target = writer else { continue }
                         written += Int64(buffer.readableBytes)
                         if written > maxBytes { throw tooLarge(maxBytes) }
-                        // The parser hands out many small slices (it splits at every CR): write in
-                        // larger batches.
                         pendingBytes.append(contentsOf: buffer.readableBytesView)
-                        if pendingBytes.count >= 256 << 10, let writer {
-                            try await writer.write(pendingBytes)
+                        if pendingBytes.count >= 256 << 10 {
+                            try await target.write(pendingBytes)
                             pendingBytes.removeAll(keepingCapacity: true)
                         }
-                    case .partComplete:
-                        if result == nil {
-                            part = classify(part)
-                            if part.isFile {
-                                // An empty file has no body event: create it now.
-                                let target: any SandboxFileWriter
-                                if let writer { target = writer } else { target = try await open(part.fileName ?? "") }
-                                if !pendingBytes.isEmpty {
-                                    try await target.write(pendingBytes)
-                                    pendingBytes.removeAll()
-                                }
-                                writer = nil
-                                result = try await target.finish()
+                    case .partEnd:
+                        if let target = writer {
+                            if !pendingBytes.isEmpty {
+                                try await target.write(pendingBytes)
+                                pendingBytes.removeAll()
                             }
+                            writer = nil
+                            result = try await target.finish()
                         }
-                        part = Part()
+                        part = nil
                     }
                 }
             }

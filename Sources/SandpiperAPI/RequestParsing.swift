@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import NIOCore
 import SandpiperCore
 
 /// Query parameters by name, percent-decoded without turning `+` into a space (identifiers may
@@ -50,6 +51,8 @@ enum RequestBody {
         do {
             buffer = try await request.collectBody(upTo: maxJSONBytes)
         } catch let error as HTTPError where error.status == .contentTooLarge {
+            throw SandpiperError(.payloadTooLarge, code: "RequestBodyTooLarge", "request bodies are limited to \(maxJSONBytes >> 20) MiB")
+        } catch is NIOTooManyBytesError {
             throw SandpiperError(.payloadTooLarge, code: "RequestBodyTooLarge", "request bodies are limited to \(maxJSONBytes >> 20) MiB")
         }
         guard buffer.readableBytes > 0 else {

@@ -160,4 +160,6 @@ public protocol SandboxBackend: Sendable {
     func launch(_ spec: SandboxSpec) async throws -> any Sandbox
     /// Removes whatever an earlier run of the server left behind.
     func cleanupLeftovers() async
+    /// Called once every sandbox is destroyed, as the server stops.
+    func shutdown() async
 }

@@ -289,6 +289,11 @@ public final class NamespaceBackend: SandboxBackend {
         try await NamespaceSandbox.launch(spec: spec, backend: self)
     }
 
+    /// Removes this server's (now empty) parent cgroups.
+    public func shutdown() async {
+        for base in cgroups.bases.values { rmdir(base) }
+    }
+
     public func cleanupLeftovers() async {
         var cleaned = 0
         let known = (try? await records.records(backend: Self.name)) ?? []

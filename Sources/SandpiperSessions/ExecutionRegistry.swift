@@ -16,6 +16,8 @@ public actor ExecutionRegistry {
         public var pool: String
         public var identifier: SessionIdentifier
         public var state: State
+        /// The caller asked for Jupyter-format results (`returnJupyterFormatExecutionResult`).
+        public var jupyterFormat: Bool
         public var createdAt: Date
         public var finishedAt: Date?
     }
@@ -37,7 +39,12 @@ public actor ExecutionRegistry {
     }
 
     /// Starts `request` on `session` in the background and returns its record (`running`).
-    public func start(id: String, session: Session, request: ExecutionRequest) throws(SandpiperError) -> Record {
+    public func start(
+        id: String,
+        session: Session,
+        request: ExecutionRequest,
+        jupyterFormat: Bool = false
+    ) throws(SandpiperError) -> Record {
         prune()
         let key = Key(pool: session.poolName, identifier: session.identifier, id: id)
         if records[key] != nil {
@@ -47,7 +54,14 @@ public actor ExecutionRegistry {
         guard records.count - running < capacity || running < capacity else {
             throw SandpiperError(.unavailable, code: "TooManyExecutions", "too many asynchronous executions are running; retry later")
         }
-        let record = Record(id: id, pool: session.poolName, identifier: session.identifier, state: .running, createdAt: Date())
+        let record = Record(
+            id: id,
+            pool: session.poolName,
+            identifier: session.identifier,
+            state: .running,
+            jupyterFormat: jupyterFormat,
+            createdAt: Date()
+        )
         records[key] = record
         tasks[key] = Task {
             let state: State

@@ -51,6 +51,7 @@ public final class SessionManager: Service, Sendable {
         await withTaskGroup(of: Void.self) { group in
             for pool in pools.values { group.addTask { await pool.shutdown() } }
         }
+        for backend in backends { await backend.shutdown() }
     }
 
     private func reapLoop() async {

@@ -42,6 +42,8 @@ public final class FakeBackend: SandboxBackend {
     public func cleanupLeftovers() async {
         state.withLock { $0.cleanups += 1 }
     }
+
+    public func shutdown() async {}
 }
 
 public final class FakeSandbox: Sandbox {

@@ -11,6 +11,15 @@ import Testing
 /// the test instead of skipping it.
 let integrationEnabled = ProcessInfo.processInfo.environment["SANDPIPER_INTEGRATION"] == "1"
 
+/// Every tier this host can run: the suites below run against each (a matrix, not a copy).
+/// With SANDPIPER_REQUIRE_GVISOR=1 a host without gVisor fails instead of testing one tier.
+let tiers: [IsolationTier] = {
+    if NamespaceBackend.gvisorUnavailableReason() == nil || ProcessInfo.processInfo.environment["SANDPIPER_REQUIRE_GVISOR"] == "1" {
+        return IsolationTier.allCases
+    }
+    return [.namespaces]
+}()
+
 let pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"] ?? "/var/lib/sandpiper/runtimes/python"
 
 /// One backend with its own state directory and uid range, torn down after the test.
@@ -42,7 +51,8 @@ final class Fixture: Sendable {
         pids: Int = 64,
         disk: Int64 = 64 << 20,
         egress: Bool = false,
-        cooldown: Int = 300
+        cooldown: Int = 300,
+        tier: IsolationTier = .namespaces
     ) -> PoolConfiguration {
         PoolConfiguration(
             name: name,
@@ -50,6 +60,7 @@ final class Fixture: Sendable {
             maxConcurrentSessions: 10,
             cooldownPeriodInSeconds: cooldown,
             egressEnabled: egress,
+            isolation: tier,
             limits: SessionLimits(memoryBytes: memory, cpus: 1, pids: pids, diskBytes: disk, tmpBytes: 64 << 20)
         )
     }
@@ -65,6 +76,15 @@ final class Fixture: Sendable {
         return entries.compactMap { Int32($0) }.filter { pid in
             guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return false }
             return status.split(separator: "\n").contains { $0.hasPrefix("Uid:") && $0.split(separator: "\t").dropFirst().first == Substring("\(uid)") }
+        }
+    }
+
+    /// Processes whose command line names `text` (gVisor's runsc processes carry the sandbox id).
+    func processes(commandContaining text: String) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { Int32($0) }.filter { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            return String(decoding: data, as: UTF8.self).contains(text)
         }
     }
 
@@ -87,6 +107,9 @@ final class Fixture: Sendable {
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(leftovers.isEmpty, "processes left: \(leftovers)", sourceLocation: sourceLocation)
+        #expect(backend.cgroups.pids(sandboxID: sandbox.id).isEmpty, "processes left in its cgroups", sourceLocation: sourceLocation)
+        let runsc = processes(commandContaining: sandbox.id)
+        #expect(runsc.isEmpty, "runsc processes left: \(runsc)", sourceLocation: sourceLocation)
         #expect(mounts(under: sandbox.directory).isEmpty, "mounts left", sourceLocation: sourceLocation)
         #expect(!FileManager.default.fileExists(atPath: sandbox.directory), "session directory left", sourceLocation: sourceLocation)
         for dir in backend.cgroups.directories(for: sandbox.id) {
@@ -97,7 +120,7 @@ final class Fixture: Sendable {
 
     func tearDown() async {
         await backend.cleanupLeftovers()
-        for base in backend.cgroups.bases.values { rmdir(base) }
+        await backend.shutdown()
         try? FileManager.default.removeItem(atPath: stateDirectory)
     }
 }
