@@ -64,7 +64,7 @@ test: setup
 	@echo "==> make test: building the package and its tests (debug)"
 	$(SWIFT) build --build-tests
 	@echo "==> make test: swift test $(SWIFT_TEST_FLAGS) (integration tests on, runtime $(PYTHON_RUNTIME))"
-	SANDPIPER_INTEGRATION=1 SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) $(SWIFT) test $(SWIFT_TEST_FLAGS)
+	SANDPIPER_INTEGRATION=1 SANDPIPER_REQUIRE_GVISOR=1 SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) $(SWIFT) test $(SWIFT_TEST_FLAGS)
 	@$(MAKE) --no-print-directory test-python
 
 # The Python tests alone, against the debug binary that `make test` builds.
@@ -75,7 +75,7 @@ else
 	@echo "==> make test: pytest $(PYTEST_DIRS)"
 	@# pytest exits 5 when it collects no test at all: not a failure here.
 	SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/debug/sandpiper \
-	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
+	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) SANDPIPER_REQUIRE_CLIENTS=1 SANDPIPER_REQUIRE_SCHEMATHESIS=1 \
 		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) $(PYTEST_DIRS) \
 		|| { rc=$$?; if [ $$rc -eq 5 ]; then echo "==> pytest collected no tests"; else exit $$rc; fi; }
 endif

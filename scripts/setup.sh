@@ -41,7 +41,7 @@ TEST_IMPORTS="pytest, requests, httpx, langchain_azure_dynamic_sessions"
 
 APT_COMMON=(python3 python3-venv ca-certificates)
 APT_ALL=(bubblewrap libseccomp-dev slirp4netns uidmap util-linux python3 python3-venv libsqlite3-dev
-    procps iproute2 curl ca-certificates)
+    procps iproute2 curl ca-certificates runsc openssl)
 
 do_runtime=1
 do_test=1
@@ -262,6 +262,10 @@ if ((do_runtime && do_test)); then
     ensure_apt "${APT_ALL[@]}"
 else
     ensure_apt "${APT_COMMON[@]}"
+fi
+# Node.js for NodeLTS pools: this kind of machine ships Node 20 in /usr/bin; elsewhere Debian's.
+if ((do_runtime)) && [[ ! -x /usr/bin/node ]]; then
+    ensure_apt nodejs
 fi
 # Egress (slirp4netns as the sandbox's unprivileged uid) opens /dev/net/tun: 0666 is the usual
 # mode on Debian and Ubuntu, but some hosts ship it 0600.

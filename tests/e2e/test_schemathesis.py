@@ -22,7 +22,7 @@ The run takes about a minute; SANDPIPER_SCHEMATHESIS_EXAMPLES, _SEED and _TRACE 
 Two plain regression tests at the end pin documented answers that generated requests cannot reach
 reliably (a part-header byte >= 0x80 in a multipart body; a JSON body over 16 MiB).
 
-schemathesis is pinned in tests/requirements-schemathesis.txt. Without it the test skips with a reason,
+schemathesis is pinned in tests/requirements.txt. Without it the test skips with a reason,
 or fails when SANDPIPER_REQUIRE_SCHEMATHESIS=1.
 """
 
@@ -312,7 +312,7 @@ def seed_file(case, st_server, http):
 if schemathesis is None:
 
     def test_openapi_conformance():
-        message = "schemathesis is not installed (pip install -r tests/requirements-schemathesis.txt): %s" % IMPORT_ERROR
+        message = "schemathesis is not installed (pip install -r tests/requirements.txt): %s" % IMPORT_ERROR
         if os.environ.get("SANDPIPER_REQUIRE_SCHEMATHESIS") == "1":
             pytest.fail(message)
         pytest.skip(message)
