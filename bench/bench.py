@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sandpiper benchmark: starts the real server and prints a markdown table.
 
-    python3 bench/bench.py [--quick] [--bin PATH] [--json out.json] [--no-jupyter]
+    python3 bench/bench.py [--quick] [--bin PATH] [--json out.json] [--no-jupyter] [--no-tiers]
 
 Measures, against one pool (`bench`, readySessionInstances = --ready):
   1. warm `1+1` over HTTP on one existing session: p50/p90/p99, and throughput with 4
@@ -19,6 +19,20 @@ Baselines in the same run:
      websocket-client, made on first use at --bench-venv), over its REST + websocket API, and
      jupyter_client's BlockingKernelClient straight over ZMQ. Those kernels are not sandboxed.
 
+Isolation tiers (a second server, pools `ns` = namespaces and `gv` = gvisor, both PythonLTS with
+readySessionInstances 0, so every new identifier launches its sandbox on the request path), per
+tier, printed as a second table:
+  1. sandbox start: new identifier -> first `1+1` result, p50 (and the server-side launch alone,
+     from its "starting one on the request path" -> "sandbox ready" log lines);
+  2. warm `1+1` on one existing session, p50 / p99;
+  3. a syscall-heavy cell, --listdir-iters x os.listdir('/usr/bin'), executionTimeInMilliseconds p50
+     (in the warm session), and importing sqlite3, json, csv, email, xml.dom.minidom, http.client in
+     each fresh session of 1. (executionTimeInMilliseconds p50; the agent pre-imports numpy, pandas);
+  4. memory per idle session: MemAvailable delta over the sessions of 1., and the PSS of each
+     sandbox's processes: the launcher's process tree (its pid is on the "sandbox ready" line) plus
+     everything in the sandbox's memory cgroup, since gVisor's sentry and gofer run as root.
+Without /usr/bin/runsc the gvisor column says "n/a (runsc not installed)".
+
 Stdlib only (http.client keep-alive connections, threading, statistics): runs with any python3.
 Needs root, like the server. Cleans up (server SIGTERM, gateway, temp dirs) even on Ctrl-C.
 """
@@ -27,6 +41,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +59,14 @@ UID_BASE = 238000  # not the default 230000, which other servers on the machine 
 SANDBOX_UIDS = range(UID_BASE, UID_BASE + 10000)
 DEFAULT_RUNTIME = "/var/lib/sandpiper/runtimes/python"
 DEFAULT_BENCH_VENV = "/var/lib/sandpiper/bench-venv"
+RUNSC = "/usr/bin/runsc"
+TIERS = (("namespaces", "ns"), ("gvisor", "gv"))  # (isolation, pool name) of the tier server
+TIER_UID_BASE = UID_BASE + 5000  # the tier server runs after the main one; its own range anyway
+LISTDIR_CELL = "import os\nfor _ in range(%d): os.listdir('/usr/bin')"
+IMPORT_MODULES = ["sqlite3", "json", "csv", "email", "xml.dom.minidom", "http.client"]
+IMPORTS_CELL = "import importlib, sys; [importlib.import_module(m) for m in %r]" % IMPORT_MODULES
+# key=value metadata of the server's log lines (swift-log StreamLogHandler: `... : k=v k=v [source] message`)
+LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier)=([^\s\]]+)")
 
 
 def log(msg):
@@ -129,6 +152,119 @@ def sandbox_pss_kib(server_pid):
     return total
 
 
+def process_children():
+    """ppid -> [pid] over every live process, from /proc/<pid>/stat (the ppid of a thread's child
+    is the thread group's pid; /proc/<pid>/task/*/children needs CONFIG_PROC_CHILDREN, which not
+    every kernel has)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    return children
+
+
+def process_tree(root, children):
+    found, stack = [root], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def pss_kib(pid):
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for row in f:
+                if row.startswith("Pss:"):
+                    return int(row.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_mounts():
+    """v1 controller -> (mount point, mount root); "" -> the same for the v2 hierarchy."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            left, right = left.split(), right.split()
+            if len(left) < 5 or len(right) < 3:
+                continue
+            if right[0] == "cgroup2":
+                mounts.setdefault("", (left[4], left[3]))
+            elif right[0] == "cgroup":
+                for option in right[2].split(","):
+                    mounts.setdefault(option, (left[4], left[3]))
+    return mounts
+
+
+def memory_cgroup(pid, mounts):
+    """(directory, usage file) of pid's memory cgroup: the v1 memory controller when mounted,
+    else the v2 group; None if unknown."""
+    try:
+        with open("/proc/%d/cgroup" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        if "memory" in fields[1].split(",") and "memory" in mounts:
+            v1 = (mounts["memory"], fields[2], "memory.usage_in_bytes")
+        elif fields[0] == "0" and not fields[1] and "" in mounts:
+            v2 = (mounts[""], fields[2], "memory.current")
+    chosen = v1 or v2
+    if chosen is None:
+        return None
+    (mount, root), path, usage = chosen
+    if root != "/" and path.startswith(root):
+        path = path[len(root):]
+    return (mount.rstrip("/") + "/" + path.strip("/")).rstrip("/"), usage
+
+
+def sandbox_footprint(launcher, children, mounts, server_cgroup):
+    """PSS (KiB) of one sandbox's processes: the launcher's process tree plus every process of the
+    memory cgroups they are in (gVisor's sentry, gofer and ptrace stubs run as root, and runsc
+    puts them in a cgroup of its own, /<sandbox id>; a reparented process stays in its cgroup);
+    the summed memory usage (bytes) of those cgroups, or None; and the number of processes. The
+    server's own cgroup and its ancestors are never counted."""
+    pids = set(process_tree(launcher, children))
+    groups = {}
+    for pid in list(pids):
+        group = memory_cgroup(pid, mounts)
+        if group is None or server_cgroup is None:
+            continue
+        if group[0] == server_cgroup[0] or server_cgroup[0].startswith(group[0] + "/"):
+            continue
+        groups[group[0]] = group[1]
+    usage = None
+    for directory, usage_file in groups.items():
+        try:
+            with open(directory + "/cgroup.procs") as f:
+                pids.update(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+        if any(other.startswith(directory + "/") for other in groups):
+            continue  # hierarchical usage: count the innermost groups only
+        try:
+            with open(directory + "/" + usage_file) as f:
+                usage = (usage or 0) + int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+    return sum(pss_kib(pid) for pid in pids), usage, len(pids)
+
+
 # -- the server ---------------------------------------------------------------------------------
 
 
@@ -136,29 +272,25 @@ class Server:
     """`sandpiper serve` on a free loopback port; its log is read line by line and every
     "sandbox ready" / "session allocated" line is timestamped on arrival."""
 
-    def __init__(self, binary, runtime, ready, max_sessions, workdir):
+    def __init__(self, binary, runtime, ready, max_sessions, workdir, pools=None, uid_base=UID_BASE):
         self.workdir = workdir
         self.key = "bench-" + uuid.uuid4().hex
-        self.pool = "bench"
+        if pools is None:
+            pools = [{"name": "bench", "readySessionInstances": ready, "maxConcurrentSessions": max_sessions,
+                      "cooldownPeriodInSeconds": 3600}]
+        self.pool = pools[0]["name"]
         self.ready_target = ready
         self.ready_times = []
         self.allocated_times = []
+        self.events = []  # (arrival, message, metadata) of ready / allocated / request-path lines
+        self.sandbox_pid = {}  # sandbox id -> launcher pid, from "sandbox ready"
+        self.session_sandbox = {}  # identifier -> sandbox id, from "session allocated"
         self.cond = threading.Condition()
         self.log_path = os.path.join(workdir, "server.log")
         config = os.path.join(workdir, "config.json")
         with open(config, "w") as f:
             json.dump(
-                {
-                    "server": {"sandboxUidBase": UID_BASE},
-                    "pools": [
-                        {
-                            "name": self.pool,
-                            "readySessionInstances": ready,
-                            "maxConcurrentSessions": max_sessions,
-                            "cooldownPeriodInSeconds": 3600,
-                        }
-                    ]
-                },
+                {"server": {"sandboxUidBase": uid_base}, "pools": pools},
                 f,
             )
         port_file = os.path.join(workdir, "port")
@@ -198,13 +330,52 @@ class Server:
                 out.write(line)
                 out.flush()
                 if b"sandbox ready" in line:
+                    meta = self._meta(line)
                     with self.cond:
                         self.ready_times.append(now)
+                        self.events.append((now, "ready", meta))
+                        if "sandbox" in meta and "pid" in meta:
+                            self.sandbox_pid[meta["sandbox"]] = int(meta["pid"])
                         self.cond.notify_all()
                 elif b"session allocated" in line:
+                    meta = self._meta(line)
                     with self.cond:
                         self.allocated_times.append(now)
+                        self.events.append((now, "allocated", meta))
+                        if "identifier" in meta and "sandbox" in meta:
+                            self.session_sandbox[meta["identifier"]] = meta["sandbox"]
                         self.cond.notify_all()
+                elif b"starting one on the request path" in line:
+                    with self.cond:
+                        self.events.append((now, "launch", self._meta(line)))
+
+    @staticmethod
+    def _meta(line):
+        return {k.decode(): v.decode(errors="replace") for k, v in LOG_META.findall(line)}
+
+    def session_sandbox_pid(self, identifier, timeout=10):
+        """(sandbox id, launcher pid) of a session, once both log lines have arrived."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                sandbox = self.session_sandbox.get(identifier)
+                if sandbox is not None and sandbox in self.sandbox_pid:
+                    return sandbox, self.sandbox_pid[sandbox]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return sandbox, None
+                self.cond.wait(min(left, 0.5))
+
+    def launch_seconds(self, pool, sandbox):
+        """Server-side launch time of a sandbox started on the request path: its pool's last
+        "starting one on the request path" line -> its "sandbox ready" line (None if not found)."""
+        with self.cond:
+            events = list(self.events)
+        ready = next((t for t, kind, m in events if kind == "ready" and m.get("sandbox") == sandbox), None)
+        if ready is None:
+            return None
+        starts = [t for t, kind, m in events if kind == "launch" and m.get("pool") == pool and t <= ready]
+        return ready - starts[-1] if starts else None
 
     def log_tail(self, n=4000):
         try:
@@ -242,13 +413,14 @@ class Server:
 class Client:
     """One keep-alive HTTP/1.1 connection."""
 
-    def __init__(self, server):
+    def __init__(self, server, pool=None):
         self.server = server
+        self.pool = pool or server.pool
         self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
         self.headers = {"Authorization": "Bearer " + server.key, "Content-Type": "application/json"}
 
     def _path(self, op, identifier):
-        return "/pools/%s/%s?api-version=%s&identifier=%s" % (self.server.pool, op, API_VERSION, identifier)
+        return "/pools/%s/%s?api-version=%s&identifier=%s" % (self.pool, op, API_VERSION, identifier)
 
     def request(self, method, path, body=None, headers=None):
         for attempt in (0, 1):
@@ -438,6 +610,159 @@ def measure_files(server, size, rounds):
     mib = size / 1048576.0
     return {"size_bytes": size, "upload_p50_ms": ms(pct(up, 50)), "download_p50_ms": ms(pct(down, 50)),
             "upload_mib_s": mib / pct(up, 50), "download_mib_s": mib / pct(down, 50)}
+
+
+# -- isolation tiers: namespaces vs gVisor, on a second server ----------------------------------
+
+
+def gvisor_unavailable_reason():
+    if not os.access(RUNSC, os.X_OK):
+        return "runsc not installed"
+    return None
+
+
+def settle_mem_available(timeout):
+    """Waits (up to `timeout` s) until MemAvailable moves less than 2 MiB in a second (memory freed by
+    the sandboxes of the previous server or tier is still coming back at first); returns its mean."""
+    deadline = time.monotonic() + timeout
+    last = mem_available_kib()
+    while True:
+        time.sleep(1.0)
+        now = mem_available_kib()
+        if abs(now - last) < 2048 or time.monotonic() > deadline:
+            return statistics.fmean([now] + [mem_available_kib() for _ in range(2)])
+        last = now
+
+
+def measure_tier(server, pool, args):
+    """Every isolation-tier number for one pool (readySessionInstances 0). Order: warm session,
+    then new identifiers (start time and, kept idle, memory; then the imports cell in each), then
+    the syscall-heavy cell in the warm session."""
+    out = {}
+    client = Client(server, pool)
+
+    # 2. warm `1+1` on one existing session.
+    warm_id = new_id(pool + "-warm")
+    client.execute(warm_id, "x = 1")
+    for _ in range(20):
+        client.execute(warm_id, "1+1")
+    samples = []
+    for _ in range(args.n):
+        t = time.perf_counter()
+        props = client.execute(warm_id, "1+1")
+        samples.append(time.perf_counter() - t)
+        assert props["result"] == 2, props
+    out["warm"] = summary(samples)
+
+    # 1. + 4. new identifiers, each launching its sandbox on the request path; they stay idle.
+    mem_before = settle_mem_available(5 if args.quick else 15)
+    starts, idents = [], []
+    for _ in range(args.tier_n):
+        time.sleep(0.3)
+        ident = new_id(pool + "-start")
+        t = time.perf_counter()
+        props = client.execute(ident, "1+1")
+        starts.append(time.perf_counter() - t)
+        assert props["result"] == 2, props
+        idents.append(ident)
+    mem_after = settle_mem_available(5 if args.quick else 10)
+    out["start"] = summary(starts)
+    launches, pss, usage, nprocs, missing = [], [], [], [], 0
+    children, mounts = process_children(), cgroup_mounts()
+    server_cgroup = memory_cgroup(server.proc.pid, mounts)
+    for ident in idents:
+        sandbox, pid = server.session_sandbox_pid(ident)
+        if pid is None:
+            missing += 1
+            continue
+        launch = server.launch_seconds(pool, sandbox)
+        if launch is not None:
+            launches.append(launch)
+        kib, used, count = sandbox_footprint(pid, children, mounts, server_cgroup)
+        pss.append(kib)
+        nprocs.append(count)
+        if used is not None:
+            usage.append(used)
+    out["launch"] = summary(launches) if launches else None
+    out["memory"] = {
+        "sessions": len(idents),
+        "per_session_mib": (mem_before - mem_after) / 1024.0 / len(idents),
+        "pss_per_session_mib": statistics.fmean(pss) / 1024.0 if pss else None,
+        "cgroup_usage_per_session_mib": statistics.fmean(usage) / 1048576.0 if usage else None,
+        "processes_per_session": statistics.fmean(nprocs) if nprocs else None,
+        "sessions_without_pid": missing,
+    }
+
+    # 3a. the syscall-heavy cell, in the warm session; stops early past --listdir-budget seconds.
+    cell = LISTDIR_CELL % args.listdir_iters
+    exec_ms, walls = [], []
+    budget_end = time.monotonic() + args.listdir_budget
+    for _ in range(args.listdir_n):
+        t = time.perf_counter()
+        props = client.execute(warm_id, cell)
+        walls.append(time.perf_counter() - t)
+        exec_ms.append(float(props["executionTimeInMilliseconds"]))
+        if time.monotonic() > budget_end:
+            break
+    out["listdir"] = {"iterations": args.listdir_iters, "n": len(exec_ms), "exec_p50_ms": pct(exec_ms, 50),
+                      "exec_ms": exec_ms, "wall_p50_ms": ms(pct(walls, 50))}
+
+    # 3b. stdlib imports in fresh sessions: those of the start row, which ran `1+1` only (so
+    # IPython's first-cell work is not in it).
+    imports = []
+    for ident in idents:
+        props = client.execute(ident, IMPORTS_CELL)
+        imports.append(float(props["executionTimeInMilliseconds"]))
+    out["imports"] = {"n": len(imports), "exec_p50_ms": pct(imports, 50), "exec_ms": imports}
+    client.close()
+    return out
+
+
+def measure_tiers(binary, runtime, args, workdir):
+    """Starts a second server with one pool per tier and measures each; returns
+    {isolation: results or {"error": why}}."""
+    results = {}
+    tiers = list(TIERS)
+    reason = gvisor_unavailable_reason()
+    if reason:
+        results["gvisor"] = {"error": reason}
+        tiers = [t for t in tiers if t[0] != "gvisor"]
+    max_sessions = 1 + args.tier_n + 4
+
+    def pools(chosen):
+        return [{"name": name, "type": "PythonLTS", "isolation": isolation, "readySessionInstances": 0,
+                 "maxConcurrentSessions": max_sessions, "cooldownPeriodInSeconds": 3600}
+                for isolation, name in chosen]
+
+    tier_dir = os.path.join(workdir, "tiers")
+    os.mkdir(tier_dir)
+    os.chmod(tier_dir, 0o711)
+    try:
+        server = Server(binary, runtime, 0, max_sessions, tier_dir, pools(tiers), uid_base=TIER_UID_BASE)
+    except RuntimeError as e:
+        if len(tiers) < 2:
+            raise
+        # The server refuses pools it cannot run: retry without gVisor and say why.
+        said = [line for line in str(e).splitlines() if "gvisor" in line.lower()]
+        results["gvisor"] = {"error": "server refused the gvisor pool: %s" % (said[-1] if said else str(e)[-200:])}
+        tiers = [t for t in tiers if t[0] != "gvisor"]
+        tier_dir = os.path.join(workdir, "tiers-ns")
+        os.mkdir(tier_dir)
+        os.chmod(tier_dir, 0o711)
+        server = Server(binary, runtime, 0, max_sessions, tier_dir, pools(tiers), uid_base=TIER_UID_BASE)
+    try:
+        for isolation, name in tiers:
+            log("tiers: %s (pool %s)" % (isolation, name))
+            t = time.monotonic()
+            try:
+                results[isolation] = measure_tier(server, name, args)
+                results[isolation]["seconds"] = time.monotonic() - t
+            except Exception as e:  # noqa: BLE001 - one tier failing still reports the other
+                log("tier %s failed: %r" % (isolation, e))
+                results[isolation] = {"error": "%s: %s" % (type(e).__name__, str(e)[:200])}
+    finally:
+        server.stop()
+    return results
 
 
 # -- baseline a: a fresh bubblewrap sandbox per request -------------------------------------------
@@ -714,6 +1039,65 @@ def table(r, args):
     return "\n".join(lines)
 
 
+def tier_table(t, args):
+    order = [iso for iso, _ in TIERS]
+
+    def cells(render):
+        out = []
+        for iso in order:
+            r = t.get(iso, {"error": "not run"})
+            if "error" in r:
+                out.append("n/a (%s)" % r["error"])
+                continue
+            try:
+                out.append(render(r))
+            except (KeyError, TypeError):
+                out.append("n/a")
+        return out
+
+    def each(render):
+        """`ns / gv` of a number for the notes, where both exist."""
+        vals = []
+        for iso in order:
+            r = t.get(iso, {})
+            try:
+                vals.append(render(r) if "error" not in r else "n/a")
+            except (KeyError, TypeError):
+                vals.append("n/a")
+        return " / ".join(vals)
+
+    mib = lambda v: "n/a" if v is None else "%.0f MiB" % v  # noqa: E731
+    msf = lambda v: "n/a" if v is None else "%.0f ms" % v  # noqa: E731
+    ok = [t[iso] for iso in order if iso in t and "error" not in t[iso]]
+    tier_n = ok[0]["start"]["n"] if ok else args.tier_n
+    rows = [
+        ("sandbox start: new identifier -> first `1+1`, 0 ready, p50",
+         *cells(lambda r: "%.0f ms" % r["start"]["p50_ms"]),
+         "n=%d sequential (launch on the request path); server-side launch alone, p50 (ns / gv): %s"
+         % (tier_n, each(lambda r: msf(r["launch"]["p50_ms"] if r["launch"] else None)))),
+        ("warm `1+1`, one session, p50 / p99", *cells(lambda r: fmt(r["warm"], ("p50_ms", "p99_ms"))),
+         "HTTP keep-alive, n=%d" % args.n),
+        ("%d x os.listdir('/usr/bin'), executionTime p50" % args.listdir_iters,
+         *cells(lambda r: "%.0f ms" % r["listdir"]["exec_p50_ms"]),
+         "%d entries; n (ns / gv): %s; per listdir: %s; in the warm session"
+         % (len(os.listdir("/usr/bin")), each(lambda r: "%d" % r["listdir"]["n"]),
+            each(lambda r: "%.0f us" % (1000.0 * r["listdir"]["exec_p50_ms"] / r["listdir"]["iterations"])))),
+        ("import sqlite3, json, csv, email, xml.dom.minidom, http.client, fresh session, executionTime p50",
+         *cells(lambda r: "%.0f ms" % r["imports"]["exec_p50_ms"]),
+         "the sessions of the start row (after their `1+1`); the agent pre-imports numpy and pandas (so json, csv already are)"),
+        ("memory per idle session, MemAvailable delta", *cells(lambda r: mib(r["memory"]["per_session_mib"])),
+         "over the %d sessions of the start row (`1+1` each)" % tier_n),
+        ("memory per idle session, PSS of its processes", *cells(lambda r: mib(r["memory"]["pss_per_session_mib"])),
+         "launcher tree + the memory cgroups it is in; processes (ns / gv): %s; cgroup memory usage (ns / gv): %s"
+         % (each(lambda r: "%.0f" % r["memory"]["processes_per_session"]),
+            each(lambda r: mib(r["memory"]["cgroup_usage_per_session_mib"])))),
+    ]
+    lines = ["| metric | namespaces | gvisor | notes |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
 def pick_binary(arg):
     if arg:
         return arg
@@ -741,6 +1125,12 @@ def main():
     ap.add_argument("--bwrap-n", type=int, help="bubblewrap baseline runs (default 30; 5 with imports)")
     ap.add_argument("--no-jupyter", action="store_true", help="skip the Jupyter baselines")
     ap.add_argument("--bench-venv", default=DEFAULT_BENCH_VENV, help="venv for the Jupyter baselines")
+    ap.add_argument("--no-tiers", action="store_true", help="skip the isolation-tier comparison (namespaces vs gvisor)")
+    ap.add_argument("--tier-n", type=int, help="new identifiers (start time, idle memory) per tier (default 5)")
+    ap.add_argument("--listdir-iters", type=int, help="os.listdir calls in the syscall-heavy cell (default 2000: under "
+                    "gVisor/ptrace one call of /usr/bin costs ~5 ms, so 5 runs of 10000 would take ~4 min)")
+    ap.add_argument("--listdir-n", type=int, help="runs of the syscall-heavy cell per tier (default 5)")
+    ap.add_argument("--listdir-budget", type=float, help="stop those runs after this many seconds per tier (default 45)")
     args = ap.parse_args()
     q = args.quick
     args.n = args.n or (20 if q else 200)
@@ -749,6 +1139,10 @@ def main():
     args.ready = args.ready or (2 if q else 4)
     args.idle = args.idle or (3 if q else 10)
     args.bwrap_n = args.bwrap_n or (5 if q else 30)
+    args.tier_n = args.tier_n or (2 if q else 5)
+    args.listdir_iters = args.listdir_iters or (300 if q else 2000)
+    args.listdir_n = args.listdir_n or (2 if q else 5)
+    args.listdir_budget = args.listdir_budget or (10.0 if q else 45.0)
     if os.geteuid() != 0:
         sys.exit("bench.py runs the server, which needs root")
     binary = pick_binary(args.bin)
@@ -786,6 +1180,16 @@ def main():
         results["files"] = measure_files(server, (1 if q else 5) * 1048576, 2 if q else 3)
         server.stop()
         server = None
+        if args.no_tiers:
+            results["tiers"] = None
+        else:
+            log("isolation tiers: namespaces vs gvisor, on a second server")
+            try:
+                results["tiers"] = measure_tiers(binary, args.runtime, args, workdir)
+            except Exception as e:  # noqa: BLE001 - keep the rest of the run
+                log("isolation tiers failed: %r" % (e,))
+                why = "%s: %s" % (type(e).__name__, str(e)[:200])
+                results["tiers"] = {iso: {"error": why} for iso, _ in TIERS}
         log("baseline: bwrap per request")
         results["bwrap_plain"] = measure_bwrap(args.runtime, "print(1+1)", args.bwrap_n, "2")
         results["bwrap_imports"] = measure_bwrap(
@@ -814,6 +1218,9 @@ def main():
         sys.exit(130)
     results["wall_seconds"] = time.monotonic() - T0
     print(table(results, args))
+    if results.get("tiers"):
+        print("\nisolation tiers\n")
+        print(tier_table(results["tiers"], args))
     print("\n(%s; %d cores; wall time %.0f s)" % (os.path.relpath(binary, REPO) if binary.startswith(REPO) else binary,
                                                    os.cpu_count(), results["wall_seconds"]))
     if args.json:

@@ -134,14 +134,9 @@ extension DataPlaneController {
                 code: "SessionPropertiesMissing"
             )
         }
-        var timeout = pool.defaultExecutionSeconds
-        if let requested = try RequestBody.integer(body, "timeoutInSeconds") {
-            guard requested >= 1 else { throw SandpiperError.invalid("'timeoutInSeconds' must be at least 1", code: "InvalidRequestBody") }
-            timeout = min(requested, pool.maxExecutionSeconds)
-        }
         return ExecutionRequest(
             code: command,
-            timeoutSeconds: Double(timeout),
+            timeoutSeconds: try Self.timeout(body, pool: pool),
             outputLimit: outputLimit,
             stdin: try RequestBody.string(body, "stdin")
         )
@@ -244,16 +239,7 @@ extension DataPlaneController {
     }
 
     func modernUpload(_ request: Request, _ call: Call) async throws -> Response {
-        let identifier = try call.identifier()
-        let directory = try SessionFilePath(validating: call.query["path"] ?? "", allowRoot: true)
-        let session = try await call.pool.session(for: identifier)
-        let entry = try await session.use { session in
-            try await MultipartUpload.receive(request, maxBytes: call.pool.configuration.maxUploadBytes) { name in
-                let path = directory.appending(try SessionFilePath(validating: name))
-                return try await session.sandbox.createFile(path)
-            }
-        }
-        return JSONResponse.make(Self.resourceFile(entry))
+        JSONResponse.make(Self.resourceFile(try await receiveUpload(request, call)))
     }
 
     func modernList(_ call: Call, requestPath: String) async throws -> Response {

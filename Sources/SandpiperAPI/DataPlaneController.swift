@@ -170,28 +170,37 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             }
             source = text
         }
-        var timeout = pool.defaultExecutionSeconds
-        if let requested = try RequestBody.integer(body, "timeoutInSeconds") {
-            guard requested >= 1 else {
-                throw SandpiperError.invalid("'timeoutInSeconds' must be at least 1", code: "InvalidRequestBody")
-            }
-            timeout = min(requested, pool.maxExecutionSeconds)
+        return ExecutionRequest(code: source, timeoutSeconds: try Self.timeout(body, pool: pool), outputLimit: outputLimit)
+    }
+
+    /// `timeoutInSeconds`, capped by the pool; the pool's default when absent.
+    static func timeout(_ body: [String: JSONValue], pool: PoolConfiguration) throws(SandpiperError) -> Double {
+        guard let requested = try RequestBody.integer(body, "timeoutInSeconds") else {
+            return Double(pool.defaultExecutionSeconds)
         }
-        return ExecutionRequest(code: source, timeoutSeconds: Double(timeout), outputLimit: outputLimit)
+        guard requested >= 1 else {
+            throw SandpiperError.invalid("'timeoutInSeconds' must be at least 1", code: "InvalidRequestBody")
+        }
+        return Double(min(requested, pool.maxExecutionSeconds))
     }
 
     // MARK: Files
 
-    func legacyUpload(_ request: Request, _ call: Call) async throws -> Response {
+    /// Streams a multipart upload into the session, under the `path` query parameter's directory.
+    func receiveUpload(_ request: Request, _ call: Call) async throws -> FileEntry {
         let identifier = try call.identifier()
         let directory = try SessionFilePath(validating: call.query["path"] ?? "", allowRoot: true)
         let session = try await call.pool.session(for: identifier)
-        let entry = try await session.use { session in
+        return try await session.use { session in
             try await MultipartUpload.receive(request, maxBytes: call.pool.configuration.maxUploadBytes) { name in
                 let path = directory.appending(try SessionFilePath(validating: name))
                 return try await session.sandbox.createFile(path)
             }
         }
+    }
+
+    func legacyUpload(_ request: Request, _ call: Call) async throws -> Response {
+        let entry = try await receiveUpload(request, call)
         return JSONResponse.make(
             JSONValue.object(["$id": .string("1"), "value": .array([Self.legacyEntry(entry, id: 2)])])
         )

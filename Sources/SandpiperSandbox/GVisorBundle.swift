@@ -16,7 +16,7 @@ enum GVisorBundle {
         for directory in ["usr", "etc", "tmp", "proc", "dev", "mnt/data", "opt/sandpiper/agents", String(runtime.dropFirst())] {
             try manager.createDirectory(atPath: root + "/" + directory, withIntermediateDirectories: true)
         }
-        for file in ["etc/passwd", "etc/group", "etc/hosts", "etc/ld.so.cache", "etc/localtime"] where !manager.fileExists(atPath: root + "/" + file) {
+        for file in ["etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf", "etc/ld.so.cache", "etc/localtime"] where !manager.fileExists(atPath: root + "/" + file) {
             manager.createFile(atPath: root + "/" + file, contents: nil)
         }
         for directory in ["etc/ssl", "etc/alternatives", "etc/ca-certificates", "etc/fonts"] {
@@ -39,7 +39,8 @@ enum GVisorBundle {
         data: String,
         uid: UInt32,
         environment: [(String, String)],
-        command: [String]
+        command: [String],
+        networkNamespace: String? = nil
     ) throws -> String {
         let bundle = directory + "/bundle"
         try FileManager.default.createDirectory(atPath: bundle, withIntermediateDirectories: true)
@@ -61,7 +62,7 @@ enum GVisorBundle {
             bind(backend.installedAgentsDirectory, "/opt/sandpiper/agents"),
             bind(data, "/mnt/data", writable: true),
         ]
-        for name in ["passwd", "group", "hosts"] {
+        for name in ["passwd", "group", "hosts"] + (networkNamespace == nil ? [] : ["resolv.conf"]) {
             mounts.append(bind(backend.etcDirectory + "/" + name, "/etc/" + name))
         }
         for path in ["/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/alternatives", "/etc/ca-certificates", "/etc/fonts"]
@@ -91,7 +92,13 @@ enum GVisorBundle {
             ]),
             "mounts": .array(mounts),
             "linux": .object([
-                "namespaces": .array(["pid", "network", "ipc", "uts", "mount"].map { .object(["type": .string($0)]) })
+                "namespaces": .array(
+                    ["pid", "ipc", "uts", "mount"].map { .object(["type": .string($0)]) }
+                        + [
+                            networkNamespace.map { .object(["type": .string("network"), "path": .string($0)]) }
+                                ?? .object(["type": .string("network")])
+                        ]
+                )
             ]),
         ])
         let encoder = JSONEncoder()
@@ -101,7 +108,7 @@ enum GVisorBundle {
     }
 
     /// `runsc` as the server starts it for one sandbox; its state lives in the session directory.
-    static func arguments(runsc: String, directory: String, bundle: String, id: String) -> [String] {
-        [runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=none", "run", "--bundle", bundle, id]
+    static func arguments(runsc: String, directory: String, bundle: String, id: String, network: String) -> [String] {
+        [runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=\(network)", "run", "--bundle", bundle, id]
     }
 }

@@ -207,13 +207,6 @@ public final class NamespaceBackend: SandboxBackend {
                     "pool '\(pool.name)' asks for isolation gvisor, which this host cannot run: \(reason)"
                 )
             }
-            if pool.egressEnabled {
-                throw SandpiperError(
-                    .unsupported,
-                    code: "IsolationTierUnavailable",
-                    "pool '\(pool.name)': egress is not available with isolation gvisor yet; use namespaces or turn egress off"
-                )
-            }
         }
         if pool.egressEnabled { try checkEgressSupport() }
     }

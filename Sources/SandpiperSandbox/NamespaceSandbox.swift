@@ -13,6 +13,8 @@ final class NamespaceSandbox: Sandbox {
     let pid: pid_t
     /// slirp4netns, when the pool has egress.
     let networkPID: pid_t
+    /// gVisor with egress: the process holding the network namespace runsc joins.
+    let namespaceHolderPID: pid_t
     let directory: String
     let files: SafeDirectory
     private let agent: AgentChannel
@@ -31,6 +33,7 @@ final class NamespaceSandbox: Sandbox {
         uid: UInt32,
         pid: pid_t,
         networkPID: pid_t,
+        namespaceHolderPID: pid_t,
         directory: String,
         agent: AgentChannel,
         backend: NamespaceBackend,
@@ -44,6 +47,7 @@ final class NamespaceSandbox: Sandbox {
         self.uid = uid
         self.pid = pid
         self.networkPID = networkPID
+        self.namespaceHolderPID = namespaceHolderPID
         self.directory = directory
         self.files = SafeDirectory(root: directory + "/data", owner: uid, group: uid)
         self.agent = agent
@@ -77,12 +81,13 @@ final class NamespaceSandbox: Sandbox {
         )
         var pid: pid_t = 0
         var networkPID: pid_t = 0
+        var holderPID: pid_t = 0
         var openFDs: [Int32] = []
         var tail: OutputTail?
         func undo() async {
             tail?.close()
             for fd in openFDs { close(fd) }
-            let children = [pid, networkPID].filter { $0 > 0 }
+            let children = [pid, networkPID, holderPID].filter { $0 > 0 }
             let unreaped = backend.removeTraces(id: id, children: children, directory: directory, cgroupDirectories: record.cgroupDirectories)
             for child in unreaped { _ = await ChildProcess.waitForExit(child) }
             try? await backend.records.removeRecord(id: id)
@@ -110,7 +115,7 @@ final class NamespaceSandbox: Sandbox {
 
             var fds = [devNull, devNull, stderrFD, toAgent.read, fromAgent.write, seccomp]
             var egressPipes: (info: Pipe, block: Pipe)?
-            if spec.pool.egressEnabled {
+            if spec.pool.egressEnabled && spec.pool.isolation == .namespaces {
                 let pipes = (info: try Pipe(), block: try Pipe())
                 openFDs += [pipes.info.read, pipes.info.write, pipes.block.read, pipes.block.write]
                 fds += [pipes.info.write, pipes.block.read]
@@ -118,7 +123,7 @@ final class NamespaceSandbox: Sandbox {
             }
             // The shell joins the cgroups before anything else runs; the launcher it execs does all
             // isolation before the agent starts.
-            let script = #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
+            let script = SlirpNetwork.joinCgroupsScript
             let launcher: [String]
             switch spec.pool.isolation {
             case .namespaces:
@@ -136,6 +141,19 @@ final class NamespaceSandbox: Sandbox {
                         networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
                     )
             case .gvisor:
+                // Egress: a network namespace with slirp4netns, made before runsc joins it.
+                var networkNamespace: String?
+                if spec.pool.egressEnabled {
+                    let network = try await SlirpNetwork.makeNamespace(
+                        cgroupProcs: procs,
+                        uid: uid,
+                        slirp: config.slirp4netns,
+                        setpriv: config.setpriv
+                    )
+                    holderPID = network.holder
+                    networkPID = network.slirp
+                    networkNamespace = "/proc/\(network.holder)/ns/net"
+                }
                 // runsc must start as root; the agent runs as the session uid inside gVisor.
                 let bundle = try GVisorBundle.write(
                     spec: spec,
@@ -144,9 +162,27 @@ final class NamespaceSandbox: Sandbox {
                     data: data,
                     uid: uid,
                     environment: sandboxEnvironment(runtime: config.pythonRuntime),
-                    command: agentCommand(for: spec.pool.type, runtime: config.pythonRuntime)
+                    command: agentCommand(for: spec.pool.type, runtime: config.pythonRuntime),
+                    networkNamespace: networkNamespace
                 )
-                launcher = GVisorBundle.arguments(runsc: config.runsc, directory: directory, bundle: bundle, id: id)
+                launcher =
+                    // runsc copies the interfaces of the namespace it runs in: start it inside. This
+                    // runsc tells the root namespace by /proc/sys/net/core/rmem_default existing,
+                    // which newer kernels show in every namespace: hide it in a private mount namespace.
+                    (networkNamespace.map {
+                        [
+                            "/usr/bin/nsenter", "--net=\($0)", "--", "/usr/bin/unshare", "--mount", "--propagation", "private",
+                            "--", "/bin/sh", "-c", #"mount -t tmpfs -o size=4k,mode=0555 none /proc/sys/net/core && exec "$@""#,
+                            "sandpiper-runsc",
+                        ]
+                    } ?? [])
+                    + GVisorBundle.arguments(
+                        runsc: config.runsc,
+                        directory: directory,
+                        bundle: bundle,
+                        id: id,
+                        network: networkNamespace == nil ? "none" : "sandbox"
+                    )
                 fds = [toAgent.read, fromAgent.write, stderrFD]
             }
             let arguments = ["-c", script, "sandpiper-launch"] + procs + ["--"] + launcher
@@ -181,6 +217,7 @@ final class NamespaceSandbox: Sandbox {
                 uid: uid,
                 pid: pid,
                 networkPID: networkPID,
+                namespaceHolderPID: holderPID,
                 directory: directory,
                 agent: agent,
                 backend: backend,
@@ -421,7 +458,7 @@ final class NamespaceSandbox: Sandbox {
         let cgroupDirectories = backend.cgroups.directories(for: id)
         let unreaped = backend.removeTraces(
             id: id,
-            children: [pid, networkPID].filter { $0 > 0 },
+            children: [pid, networkPID, namespaceHolderPID].filter { $0 > 0 },
             directory: directory,
             cgroupDirectories: cgroupDirectories
         )

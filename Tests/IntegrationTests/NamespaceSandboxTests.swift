@@ -262,12 +262,12 @@ struct NamespaceSandboxTests {
         }
     }
 
-    @Test("With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback")
-    func egressOn() async throws {
+    @Test("With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback", arguments: tiers)
+    func egressOn(tier: IsolationTier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
             defer { server.close() }
-            let sandbox = try await fixture.launch(Fixture.pool(egress: true))
+            let sandbox = try await fixture.launch(Fixture.pool(egress: true, tier: tier))
             // Only the sandbox's own gateway (slirp's 10.0.2.2, which would land on host loopback)
             // is contacted: no traffic leaves this machine.
             let probe = """
@@ -293,6 +293,10 @@ struct NamespaceSandboxTests {
             await sandbox.destroy()
             try await fixture.expectNoTraces(of: sandbox)
             #expect(kill(sandbox.networkPID, 0) != 0, "slirp4netns must be gone")
+            if tier == .gvisor {
+                #expect(sandbox.namespaceHolderPID > 0)
+                #expect(kill(sandbox.namespaceHolderPID, 0) != 0, "the namespace holder must be gone")
+            }
         }
     }
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import AgentProcess, agent_node, node_agent_argv
+from agent_support import AgentProcess, agent_node, node_agent_argv
 
 RESULT_KEYS = {"id", "type", "status", "stdout", "stderr", "result", "jupyterResult",
                "timedOut", "durationMs", "stdoutTruncated", "stderrTruncated"}
