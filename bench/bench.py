@@ -1086,7 +1086,8 @@ def tier_table(t, args):
          *cells(lambda r: "%.0f ms" % r["imports"]["exec_p50_ms"]),
          "the sessions of the start row (after their `1+1`); the agent pre-imports numpy and pandas (so json, csv already are)"),
         ("memory per idle session, MemAvailable delta", *cells(lambda r: mib(r["memory"]["per_session_mib"])),
-         "over the %d sessions of the start row (`1+1` each)" % tier_n),
+         "over the %d sessions of the start row (`1+1` each); file pages already cached (python, numpy) are not "
+         "in it, while PSS splits them between sharers" % tier_n),
         ("memory per idle session, PSS of its processes", *cells(lambda r: mib(r["memory"]["pss_per_session_mib"])),
          "launcher tree + the memory cgroups it is in; processes (ns / gv): %s; cgroup memory usage (ns / gv): %s"
          % (each(lambda r: "%.0f" % r["memory"]["processes_per_session"]),
@@ -1127,10 +1128,10 @@ def main():
     ap.add_argument("--bench-venv", default=DEFAULT_BENCH_VENV, help="venv for the Jupyter baselines")
     ap.add_argument("--no-tiers", action="store_true", help="skip the isolation-tier comparison (namespaces vs gvisor)")
     ap.add_argument("--tier-n", type=int, help="new identifiers (start time, idle memory) per tier (default 5)")
-    ap.add_argument("--listdir-iters", type=int, help="os.listdir calls in the syscall-heavy cell (default 2000: under "
-                    "gVisor/ptrace one call of /usr/bin costs ~5 ms, so 5 runs of 10000 would take ~4 min)")
+    ap.add_argument("--listdir-iters", type=int, help="os.listdir calls in the syscall-heavy cell (default 1000: under "
+                    "gVisor/ptrace one listdir of /usr/bin costs ~5 ms, so 5 runs of 10000 would take ~4 min)")
     ap.add_argument("--listdir-n", type=int, help="runs of the syscall-heavy cell per tier (default 5)")
-    ap.add_argument("--listdir-budget", type=float, help="stop those runs after this many seconds per tier (default 45)")
+    ap.add_argument("--listdir-budget", type=float, help="stop those runs after this many seconds per tier (default 30)")
     args = ap.parse_args()
     q = args.quick
     args.n = args.n or (20 if q else 200)
@@ -1140,9 +1141,9 @@ def main():
     args.idle = args.idle or (3 if q else 10)
     args.bwrap_n = args.bwrap_n or (5 if q else 30)
     args.tier_n = args.tier_n or (2 if q else 5)
-    args.listdir_iters = args.listdir_iters or (300 if q else 2000)
+    args.listdir_iters = args.listdir_iters or (300 if q else 1000)
     args.listdir_n = args.listdir_n or (2 if q else 5)
-    args.listdir_budget = args.listdir_budget or (10.0 if q else 45.0)
+    args.listdir_budget = args.listdir_budget or (10.0 if q else 30.0)
     if os.geteuid() != 0:
         sys.exit("bench.py runs the server, which needs root")
     binary = pick_binary(args.bin)

@@ -109,6 +109,11 @@ enum GVisorBundle {
 
     /// `runsc` as the server starts it for one sandbox; its state lives in the session directory.
     static func arguments(runsc: String, directory: String, bundle: String, id: String, network: String) -> [String] {
-        [runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=\(network)", "run", "--bundle", bundle, id]
+        // --ignore-cgroups: runsc would otherwise move its sentry and gofer into unlimited groups of
+        // its own; they must stay in the sandbox's cgroups, which carry the pool's limits.
+        [
+            runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=\(network)", "--ignore-cgroups", "run",
+            "--bundle", bundle, id,
+        ]
     }
 }
