@@ -718,6 +718,59 @@ def measure_tier(server, pool, args):
     return out
 
 
+LANGUAGES = [("python", "PythonLTS", "1+1"), ("node", "NodeLTS", "1+1"), ("shell", "Shell", "echo 2")]
+
+
+def measure_languages(binary, runtime, n, workdir):
+    """Warm execution and new-identifier latency on one pool of each type, same server."""
+    pools = [{"name": name, "type": kind, "readySessionInstances": 2, "maxConcurrentSessions": 20,
+              "cooldownPeriodInSeconds": 3600} for name, kind, _ in LANGUAGES]
+    sub = os.path.join(workdir, "languages")
+    os.makedirs(sub, exist_ok=True)
+    server = Server(binary, runtime, 2, 20, sub, pools=pools, uid_base=UID_BASE + 20000)
+    results = {}
+    try:
+        server.wait_pool_full()
+        time.sleep(2)  # let every pool finish its initial fill
+        for name, _, code in LANGUAGES:
+            client = Client(server, name)
+            body = json.dumps({"properties": {"code": code}}).encode()
+            first = []
+            for _ in range(5):
+                ident = new_id(name)
+                t0 = time.perf_counter()
+                status, data = client.request("POST", client._path("code/execute", ident), body)
+                first.append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError("%s -> %s %s" % (name, status, data[:200]))
+                time.sleep(1.5)  # refill
+            ident = new_id(name)
+            client.request("POST", client._path("code/execute", ident), body)
+            warm = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                status, data = client.request("POST", client._path("code/execute", ident), body)
+                warm.append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError("%s -> %s %s" % (name, status, data[:200]))
+            results[name] = {"warm": summary(warm), "new_identifier": summary(first)}
+            client.close()
+    finally:
+        server.stop()
+    return results
+
+
+def language_table(results):
+    rows = ["| pool | warm execution p50 / p99 | new identifier → first result p50 (warm pool) |", "| --- | --- | --- |"]
+    for name, kind, code in LANGUAGES:
+        r = results.get(name)
+        if not r:
+            continue
+        rows.append("| %s (`%s`) | %.1f / %.1f ms | %.1f ms |" % (
+            kind, code, r["warm"]["p50_ms"], r["warm"]["p99_ms"], r["new_identifier"]["p50_ms"]))
+    return "\n".join(rows)
+
+
 def measure_tiers(binary, runtime, args, workdir):
     """Starts a second server with one pool per tier and measures each; returns
     {isolation: results or {"error": why}}."""
@@ -1191,6 +1244,12 @@ def main():
                 log("isolation tiers failed: %r" % (e,))
                 why = "%s: %s" % (type(e).__name__, str(e)[:200])
                 results["tiers"] = {iso: {"error": why} for iso, _ in TIERS}
+        log("languages: warm execution on Python, Node and Shell pools")
+        try:
+            results["languages"] = measure_languages(binary, args.runtime, 30 if q else 200, workdir)
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            log("languages failed: %r" % (e,))
+            results["languages"] = {"error": "%s: %s" % (type(e).__name__, str(e)[:200])}
         log("baseline: bwrap per request")
         results["bwrap_plain"] = measure_bwrap(args.runtime, "print(1+1)", args.bwrap_n, "2")
         results["bwrap_imports"] = measure_bwrap(
@@ -1219,6 +1278,9 @@ def main():
         sys.exit(130)
     results["wall_seconds"] = time.monotonic() - T0
     print(table(results, args))
+    if results.get("languages") and "error" not in results["languages"]:
+        print("\nlanguages (namespaces tier)\n")
+        print(language_table(results["languages"]))
     if results.get("tiers"):
         print("\nisolation tiers\n")
         print(tier_table(results["tiers"], args))
