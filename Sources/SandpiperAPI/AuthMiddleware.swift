@@ -12,10 +12,13 @@ public struct AuthMiddleware<Context: RequestContext>: RouterMiddleware {
         self.expected = Array(apiKey.utf8)
     }
 
-    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response)
+        async throws
         -> Response
     {
-        if request.uri.path == "/healthz" || request.uri.path == "/openapi.json" { return try await next(request, context) }
+        if request.uri.path == "/healthz" || request.uri.path == "/openapi.json" {
+            return try await next(request, context)
+        }
         guard let header = request.headers[.authorization] else {
             throw SandpiperError(.unauthorized, code: "Unauthorized", "missing 'Authorization: Bearer <key>' header")
         }

@@ -23,7 +23,8 @@ extension DataPlaneController {
         if pool.type == .shell {
             execution = try shellExecution(body, pool: pool, outputLimit: limit)
         } else {
-            if try RequestBody.string(body, "shellCommand") != nil || RequestBody.lookup(body, "execCommandAndArgs") != nil
+            if try RequestBody.string(body, "shellCommand") != nil
+                || RequestBody.lookup(body, "execCommandAndArgs") != nil
                 || RequestBody.lookup(body, "command") != nil
             {
                 throw SandpiperError.invalid(
@@ -34,7 +35,8 @@ extension DataPlaneController {
             }
             execution = try executionRequest(body, pool: pool, outputLimit: limit)
         }
-        let jupyterFormat = try Self.bool(body, "returnJupyterFormatExecutionResult") || Self.bool(body, "returnJupyterFormat")
+        let jupyterFormat =
+            try Self.bool(body, "returnJupyterFormatExecutionResult") || Self.bool(body, "returnJupyterFormat")
         let type = try Self.executionType(body)
         let session = try await call.pool.session(for: identifier)
         var headers: HTTPFields = [
@@ -49,7 +51,14 @@ extension DataPlaneController {
                 request: execution,
                 jupyterFormat: jupyterFormat
             )
-            let body = Self.executionJSON(id: executionID, identifier: identifier, type: type, status: "Running", outcome: nil, jupyter: false)
+            let body = Self.executionJSON(
+                id: executionID,
+                identifier: identifier,
+                type: type,
+                status: "Running",
+                outcome: nil,
+                jupyter: false
+            )
             return Self.json(body, status: .accepted, headers: headers)
         }
         let outcome = try await session.execute(execution)
@@ -66,7 +75,13 @@ extension DataPlaneController {
 
     func executionStatus(_ call: Call, id: String, requestPath: String) async throws -> Response {
         let identifier = try call.identifier()
-        guard let record = await sessions.executions.record(pool: call.pool.configuration.name, identifier: identifier, id: id) else {
+        guard
+            let record = await sessions.executions.record(
+                pool: call.pool.configuration.name,
+                identifier: identifier,
+                id: id
+            )
+        else {
             throw SandpiperError.notFound(
                 "no execution '\(id)' in this session (finished results are kept for 10 minutes)",
                 code: "ExecutionNotFound"
@@ -75,7 +90,14 @@ extension DataPlaneController {
         var json: JSONValue
         switch record.state {
         case .running:
-            json = Self.executionJSON(id: id, identifier: identifier, type: "Asynchronous", status: "Running", outcome: nil, jupyter: false)
+            json = Self.executionJSON(
+                id: id,
+                identifier: identifier,
+                type: "Asynchronous",
+                status: "Running",
+                outcome: nil,
+                jupyter: false
+            )
         case .finished(let outcome):
             json = Self.executionJSON(
                 id: id,
@@ -86,7 +108,14 @@ extension DataPlaneController {
                 jupyter: record.jupyterFormat
             )
         case .failed(let error):
-            json = Self.executionJSON(id: id, identifier: identifier, type: "Asynchronous", status: "Failed", outcome: nil, jupyter: false)
+            json = Self.executionJSON(
+                id: id,
+                identifier: identifier,
+                type: "Asynchronous",
+                status: "Failed",
+                outcome: nil,
+                jupyter: false
+            )
             if case .object(var object) = json {
                 object["error"] = .object(["code": .string(error.code), "message": .string(error.message)])
                 json = .object(object)
@@ -103,7 +132,9 @@ extension DataPlaneController {
 
     /// A Shell pool's command: `shellCommand` (a bash command line) or `execCommandAndArgs`
     /// (alias `command`: argv, quoted for bash), optional `stdin`. `code` is refused, as Azure does.
-    func shellExecution(_ body: [String: JSONValue], pool: PoolConfiguration, outputLimit: Int) throws(SandpiperError) -> ExecutionRequest {
+    func shellExecution(_ body: [String: JSONValue], pool: PoolConfiguration, outputLimit: Int) throws(SandpiperError)
+        -> ExecutionRequest
+    {
         let shellCommand = try RequestBody.string(body, "shellCommand")
         var argv: [String]?
         for name in ["execCommandAndArgs", "command"] {
@@ -113,11 +144,16 @@ extension DataPlaneController {
                 var strings: [String] = []
                 for item in items {
                     guard case .string(let text) = item else {
-                        throw SandpiperError.invalid("'\(name)' must be an array of strings", code: "InvalidRequestBody")
+                        throw SandpiperError.invalid(
+                            "'\(name)' must be an array of strings",
+                            code: "InvalidRequestBody"
+                        )
                     }
                     strings.append(text)
                 }
-                guard !strings.isEmpty else { throw SandpiperError.invalid("'\(name)' is empty", code: "InvalidRequestBody") }
+                guard !strings.isEmpty else {
+                    throw SandpiperError.invalid("'\(name)' is empty", code: "InvalidRequestBody")
+                }
                 argv = strings
             case .string(let text)?:
                 argv = ["/bin/bash", "-c", text]
@@ -126,7 +162,10 @@ extension DataPlaneController {
             }
         }
         if shellCommand != nil, argv != nil {
-            throw SandpiperError.invalid("send either shellCommand or execCommandAndArgs, not both", code: "InvalidRequestBody")
+            throw SandpiperError.invalid(
+                "send either shellCommand or execCommandAndArgs, not both",
+                code: "InvalidRequestBody"
+            )
         }
         guard let command = shellCommand ?? argv.map({ $0.map(Self.shellQuote).joined(separator: " ") }) else {
             throw SandpiperError.invalid(
@@ -144,9 +183,11 @@ extension DataPlaneController {
 
     /// Single-quotes an argument for bash unless it is plainly safe.
     static func shellQuote(_ argument: String) -> String {
-        let safe = !argument.isEmpty && argument.unicodeScalars.allSatisfy {
-            CharacterSet.alphanumerics.contains($0) || "-_./=:,@%+".unicodeScalars.contains($0)
-        }
+        let safe =
+            !argument.isEmpty
+            && argument.unicodeScalars.allSatisfy {
+                CharacterSet.alphanumerics.contains($0) || "-_./=:,@%+".unicodeScalars.contains($0)
+            }
         return safe ? argument : "'" + argument.replacingOccurrences(of: "'", with: "'\\''") + "'"
     }
 
@@ -177,7 +218,9 @@ extension DataPlaneController {
 
     static func executionID(_ header: String?) throws(SandpiperError) -> String {
         guard let header, !header.isEmpty else { return UUID().uuidString.lowercased() }
-        guard header.utf8.count <= 128, header.utf8.allSatisfy({ (0x21...0x7E).contains($0) && $0 != UInt8(ascii: "/") }) else {
+        guard header.utf8.count <= 128,
+            header.utf8.allSatisfy({ (0x21...0x7E).contains($0) && $0 != UInt8(ascii: "/") })
+        else {
             throw SandpiperError.invalid(
                 "the operation-id header must be 1 to 128 printable ASCII characters without '/'",
                 code: "InvalidOperationId"
@@ -192,7 +235,10 @@ extension DataPlaneController {
         case "synchronous": return "Synchronous"
         case "asynchronous": return "Asynchronous"
         default:
-            throw SandpiperError.invalid("executionType must be Synchronous or Asynchronous", code: "InvalidRequestBody")
+            throw SandpiperError.invalid(
+                "executionType must be Synchronous or Asynchronous",
+                code: "InvalidRequestBody"
+            )
         }
     }
 
@@ -207,7 +253,8 @@ extension DataPlaneController {
 
     /// `/pools/p/executions/{id}?api-version=…&identifier=…`, on the same pool prefix the caller used.
     static func operationLocation(requestPath: String, id: String, call: Call) -> String {
-        let base = requestPath.hasSuffix("/executions") ? String(requestPath.dropLast("/executions".count)) : requestPath
+        let base =
+            requestPath.hasSuffix("/executions") ? String(requestPath.dropLast("/executions".count)) : requestPath
         var query = "identifier=" + Self.encode(call.query["identifier"] ?? "")
         if let version = call.query["api-version"] { query = "api-version=" + Self.encode(version) + "&" + query }
         return base + "/executions/" + Self.encode(id) + "?" + query
@@ -297,7 +344,10 @@ extension DataPlaneController {
     func sessionInfo(_ call: Call) async throws -> Response {
         let identifier = try call.identifier()
         guard let session = await call.pool.existingSession(for: identifier) else {
-            throw SandpiperError.notFound("no live session '\(identifier)' in pool '\(call.pool.configuration.name)'", code: "SessionNotFound")
+            throw SandpiperError.notFound(
+                "no live session '\(identifier)' in pool '\(call.pool.configuration.name)'",
+                code: "SessionNotFound"
+            )
         }
         return JSONResponse.make(sessionJSON(session, pool: call.pool))
     }
@@ -312,9 +362,14 @@ extension DataPlaneController {
     func stopSession(_ call: Call) async throws -> Response {
         let identifier = try call.identifier()
         guard await call.pool.removeSession(identifier) else {
-            throw SandpiperError.notFound("no live session '\(identifier)' in pool '\(call.pool.configuration.name)'", code: "SessionNotFound")
+            throw SandpiperError.notFound(
+                "no live session '\(identifier)' in pool '\(call.pool.configuration.name)'",
+                code: "SessionNotFound"
+            )
         }
-        return JSONResponse.make(JSONValue.string("Session \(identifier) in session pool \(call.pool.configuration.name) stopped."))
+        return JSONResponse.make(
+            JSONValue.string("Session \(identifier) in session pool \(call.pool.configuration.name) stopped.")
+        )
     }
 
     func listSessions(_ call: Call, requestPath: String) async throws -> Response {
@@ -357,14 +412,20 @@ extension DataPlaneController {
         return JSONResponse.make(
             JSONValue.object([
                 "runtimes": .array([
-                    .object(["name": .string(description.runtime.name), "version": .string(description.runtime.version)])
+                    .object([
+                        "name": .string(description.runtime.name), "version": .string(description.runtime.version),
+                    ])
                 ]),
                 "preInstalledPackages": .array(
                     description.packages.map { .object(["name": .string($0.name), "version": .string($0.version)]) }
                 ),
                 "createdAt": .string(created),
                 "lastUpdatedAt": .string(created),
-                "jupyterKernel": Self.kernel(for: call.pool.configuration.type, ipython: ipython, runtime: description.runtime),
+                "jupyterKernel": Self.kernel(
+                    for: call.pool.configuration.type,
+                    ipython: ipython,
+                    runtime: description.runtime
+                ),
             ])
         )
     }

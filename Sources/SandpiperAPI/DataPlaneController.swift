@@ -72,7 +72,8 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             return try await modernExecute(request, call, requestPath: request.uri.path)
         case (.get, "executions") where ops.count == 2:
             return try await executionStatus(call, id: operation[1], requestPath: request.uri.path)
-        case (.post, "files") where ops == ["files", "upload"], (.post, "python") where ops == ["python", "uploadfile"]:
+        case (.post, "files") where ops == ["files", "upload"],
+            (.post, "python") where ops == ["python", "uploadfile"]:
             return try await legacyUpload(request, call)
         case (.post, "files") where ops == ["files"]:
             return try await modernUpload(request, call)
@@ -85,20 +86,26 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
         case (.get, "files") where !modern && ops.count >= 3 && ops[1] == "content":
             return try await download(call, name: operation.dropFirst(2).joined(separator: "/"))
         case (.get, "files") where modern && ops.count >= 3 && ops.last == "content":
-            return try await download(call, name: call.prefixed(operation.dropFirst().dropLast().joined(separator: "/")))
+            return try await download(
+                call,
+                name: call.prefixed(operation.dropFirst().dropLast().joined(separator: "/"))
+            )
         case (.get, "files") where ops.count >= 2:
             let name = operation.dropFirst().joined(separator: "/")
-            return modern ? try await modernFileInfo(call, name: call.prefixed(name)) : try await legacyFileInfo(call, name: name)
+            return modern
+                ? try await modernFileInfo(call, name: call.prefixed(name)) : try await legacyFileInfo(call, name: name)
         case (.delete, "files") where ops.count >= 2:
             let name = operation.dropFirst().joined(separator: "/")
-            return modern ? try await modernDelete(call, name: call.prefixed(name)) : try await legacyDelete(call, name: name)
+            return modern
+                ? try await modernDelete(call, name: call.prefixed(name)) : try await legacyDelete(call, name: name)
         case (.get, "session") where ops.count == 1, (.post, ".management") where ops == [".management", "getsession"]:
             return try await sessionInfo(call)
         case (.delete, "session") where ops.count == 1:
             return try await deleteSession(call)
         case (.post, ".management") where ops == [".management", "stopsession"]:
             return try await stopSession(call)
-        case (.get, "listsessions") where ops.count == 1, (.post, ".management") where ops == [".management", "listsessions"]:
+        case (.get, "listsessions") where ops.count == 1,
+            (.post, ".management") where ops == [".management", "listsessions"]:
             return try await listSessions(call, requestPath: request.uri.path)
         case (.get, "metadata") where ops.count == 1:
             return try await metadata(call)
@@ -170,7 +177,11 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             }
             source = text
         }
-        return ExecutionRequest(code: source, timeoutSeconds: try Self.timeout(body, pool: pool), outputLimit: outputLimit)
+        return ExecutionRequest(
+            code: source,
+            timeoutSeconds: try Self.timeout(body, pool: pool),
+            outputLimit: outputLimit
+        )
     }
 
     /// `timeoutInSeconds`, capped by the pool; the pool's default when absent.
@@ -278,7 +289,9 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
 
 enum Timestamps {
     static func format(_ date: Date) -> String {
-        date.formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true).timeZone(separator: .omitted))
+        date.formatted(
+            .iso8601.year().month().day().time(includingFractionalSeconds: true).timeZone(separator: .omitted)
+        )
     }
 }
 

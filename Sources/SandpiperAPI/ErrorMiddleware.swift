@@ -9,7 +9,8 @@ import SandpiperCore
 public struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     public init() {}
 
-    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws
+    public func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response)
+        async throws
         -> Response
     {
         do {
@@ -29,7 +30,11 @@ public struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             case .badRequest:
                 mapped = .invalid(error.body ?? "bad request")
             case .methodNotAllowed:
-                mapped = SandpiperError(.invalidArgument, code: "MethodNotAllowed", "method \(request.method) is not allowed here")
+                mapped = SandpiperError(
+                    .invalidArgument,
+                    code: "MethodNotAllowed",
+                    "method \(request.method) is not allowed here"
+                )
             default:
                 return Self.response(
                     status: error.status,
@@ -41,7 +46,9 @@ public struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             if error.status == .methodNotAllowed { response.status = .methodNotAllowed }
             return response
         } catch is CancellationError {
-            return Self.response(for: SandpiperError(.unavailable, code: "RequestCancelled", "the request was cancelled"))
+            return Self.response(
+                for: SandpiperError(.unavailable, code: "RequestCancelled", "the request was cancelled")
+            )
         } catch {
             context.logger.error("unexpected error", metadata: ["error": "\(error)"])
             return Self.response(for: .internalError("internal error: \(type(of: error))"))
@@ -80,9 +87,15 @@ public struct ErrorMiddleware<Context: RequestContext>: RouterMiddleware {
 }
 
 extension HTTPField.Name {
-    static let xMsErrorCode = Self("x-ms-error-code")!
-    static let operationID = Self("operation-id")!
-    static let operationLocation = Self("Operation-Location")!
+    static let xMsErrorCode = known("x-ms-error-code")
+    static let operationID = known("operation-id")
+    static let operationLocation = known("Operation-Location")
+
+    /// A header name spelled in this source file: always valid.
+    private static func known(_ name: String) -> Self {
+        guard let field = Self(name) else { preconditionFailure("invalid header name \(name)") }
+        return field
+    }
 }
 
 enum JSONResponse {

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import NIOCore
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A streaming `multipart/form-data` parser (RFC 7578 / 2046) for hostile input: bounded header
 /// sizes, strict header names, and a `memmem` search for the delimiter so large binary bodies go
@@ -159,7 +160,9 @@ struct MultipartStreamParser {
         var index = 0
         func line(_ bytes: ArraySlice<UInt8>) throws(SandpiperError) {
             guard !bytes.isEmpty else { return }
-            guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else { throw malformed("a part header has no ':'") }
+            guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")) else {
+                throw malformed("a part header has no ':'")
+            }
             let name = bytes[bytes.startIndex..<colon]
             let token = name.allSatisfy { byte in
                 byte > 0x20 && byte < 0x7F && !"()<>@,;:\\\"/[]?={}".utf8.contains(byte)

@@ -89,7 +89,9 @@ enum MultipartUpload {
         }
         guard let result else {
             throw SandpiperError.invalid(
-                sawAnyPart ? "the multipart body has no 'file' part" : "expected a multipart/form-data body with a 'file' part",
+                sawAnyPart
+                    ? "the multipart body has no 'file' part"
+                    : "expected a multipart/form-data body with a 'file' part",
                 code: "InvalidMultipartBody"
             )
         }
@@ -121,7 +123,11 @@ enum MultipartUpload {
         var result: [String: String] = [:]
         var rest = Substring(value)
         // Skip the disposition type.
-        if let semicolon = rest.firstIndex(of: ";") { rest = rest[rest.index(after: semicolon)...] } else { return result }
+        if let semicolon = rest.firstIndex(of: ";") {
+            rest = rest[rest.index(after: semicolon)...]
+        } else {
+            return result
+        }
         while !rest.isEmpty {
             rest = rest.drop { $0 == " " || $0 == "\t" || $0 == ";" }
             guard let equals = rest.firstIndex(of: "=") else { break }
@@ -167,9 +173,13 @@ enum MultipartUpload {
         guard let contentType, contentType.lowercased().hasPrefix("multipart/") else { return nil }
         for parameter in contentType.split(separator: ";").dropFirst() {
             let pair = parameter.split(separator: "=", maxSplits: 1)
-            guard pair.count == 2, pair[0].trimmingCharacters(in: .whitespaces).lowercased() == "boundary" else { continue }
+            guard pair.count == 2, pair[0].trimmingCharacters(in: .whitespaces).lowercased() == "boundary" else {
+                continue
+            }
             var value = pair[1].trimmingCharacters(in: .whitespaces)
-            if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = String(value.dropFirst().dropLast()) }
+            if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 {
+                value = String(value.dropFirst().dropLast())
+            }
             return value.isEmpty || value.utf8.count > 200 ? nil : value
         }
         return nil

@@ -51,12 +51,23 @@ enum RequestBody {
         do {
             buffer = try await request.collectBody(upTo: maxJSONBytes)
         } catch let error as HTTPError where error.status == .contentTooLarge {
-            throw SandpiperError(.payloadTooLarge, code: "RequestBodyTooLarge", "request bodies are limited to \(maxJSONBytes >> 20) MiB")
+            throw SandpiperError(
+                .payloadTooLarge,
+                code: "RequestBodyTooLarge",
+                "request bodies are limited to \(maxJSONBytes >> 20) MiB"
+            )
         } catch is NIOTooManyBytesError {
-            throw SandpiperError(.payloadTooLarge, code: "RequestBodyTooLarge", "request bodies are limited to \(maxJSONBytes >> 20) MiB")
+            throw SandpiperError(
+                .payloadTooLarge,
+                code: "RequestBodyTooLarge",
+                "request bodies are limited to \(maxJSONBytes >> 20) MiB"
+            )
         }
         guard buffer.readableBytes > 0 else {
-            throw SandpiperError.invalid("the request body is empty; a JSON object is required", code: "InvalidRequestBody")
+            throw SandpiperError.invalid(
+                "the request body is empty; a JSON object is required",
+                code: "InvalidRequestBody"
+            )
         }
         let value: JSONValue
         do {

@@ -146,7 +146,13 @@ final class AgentChannel: Sendable {
                 return
             }
             channel.writeAndFlush(frame).whenFailure { error in
-                self.fail(SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "cannot reach the session's agent: \(error)"))
+                self.fail(
+                    SandpiperError(
+                        .sandboxFailure,
+                        code: "SessionAgentFailure",
+                        "cannot reach the session's agent: \(error)"
+                    )
+                )
             }
         }
     }
@@ -172,7 +178,13 @@ final class AgentChannel: Sendable {
         do {
             reply = try JSONDecoder().decode(Reply.self, from: Data(frame.readableBytesView))
         } catch {
-            fail(SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's agent sent a malformed reply"))
+            fail(
+                SandpiperError(
+                    .sandboxFailure,
+                    code: "SessionAgentFailure",
+                    "the session's agent sent a malformed reply"
+                )
+            )
             return
         }
         let waiter: CheckedContinuation<Reply, any Error>? = state.withLock { state in
@@ -200,7 +212,10 @@ final class AgentChannel: Sendable {
 
         func attach(_ channel: AgentChannel) {
             agent.withLock { $0 = channel }
-            for frame in early.withLock({ frames in defer { frames.removeAll() }; return frames }) {
+            for frame in early.withLock({ frames in
+                defer { frames.removeAll() }
+                return frames
+            }) {
                 channel.deliver(frame)
             }
             let (closed, reason) = earlyClose.withLock { $0 }
@@ -252,7 +267,11 @@ final class AgentChannel: Sendable {
         mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
             guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return .needMoreData }
             guard Int(length) <= maxFrame else {
-                throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's agent sent an oversized frame")
+                throw SandpiperError(
+                    .sandboxFailure,
+                    code: "SessionAgentFailure",
+                    "the session's agent sent an oversized frame"
+                )
             }
             guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
             buffer.moveReaderIndex(forwardBy: 4)

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CSandpiperShims
 import Foundation
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Per-sandbox cgroups: memory, CPU and pids limits, and a reliable way to kill every process
 /// of a sandbox. Works on cgroup v1 (each controller its own hierarchy; the memory group is

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CSandpiperShims
 import Dispatch
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Starts a child (posix_spawn, in CSandpiperShims) with an exact file-descriptor table (`fds[n]` becomes the child's fd n; every
 /// other descriptor is closed), default signal dispositions and its own session. Nothing runs

@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The gVisor tier: the same agent, runtime, /mnt/data, limits and lifecycle as the namespace
 /// tier, but run by `runsc` (ptrace platform), so the agent talks to gVisor's user-space kernel
@@ -13,10 +14,13 @@ enum GVisorBundle {
     /// The read-only root every gVisor sandbox shares: mount points and the usual symlinks.
     static func prepareRoot(at root: String, runtime: String) throws {
         let manager = FileManager.default
-        for directory in ["usr", "etc", "tmp", "proc", "dev", "mnt/data", "opt/sandpiper/agents", String(runtime.dropFirst())] {
+        for directory in [
+            "usr", "etc", "tmp", "proc", "dev", "mnt/data", "opt/sandpiper/agents", String(runtime.dropFirst()),
+        ] {
             try manager.createDirectory(atPath: root + "/" + directory, withIntermediateDirectories: true)
         }
-        for file in ["etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf", "etc/ld.so.cache", "etc/localtime"] where !manager.fileExists(atPath: root + "/" + file) {
+        for file in ["etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf", "etc/ld.so.cache", "etc/localtime"]
+        where !manager.fileExists(atPath: root + "/" + file) {
             manager.createFile(atPath: root + "/" + file, contents: nil)
         }
         for directory in ["etc/ssl", "etc/alternatives", "etc/ca-certificates", "etc/fonts"] {
@@ -55,7 +59,10 @@ enum GVisorBundle {
             .object(["destination": .string("/proc"), "type": .string("proc"), "source": .string("proc")]),
             .object([
                 "destination": .string("/tmp"), "type": .string("tmpfs"), "source": .string("tmpfs"),
-                "options": .array([.string("nosuid"), .string("nodev"), .string("mode=1777"), .string("size=\(spec.pool.limits.tmpBytes)")]),
+                "options": .array([
+                    .string("nosuid"), .string("nodev"), .string("mode=1777"),
+                    .string("size=\(spec.pool.limits.tmpBytes)"),
+                ]),
             ]),
             bind("/usr", "/usr"),
             bind(runtime, runtime),
@@ -65,7 +72,9 @@ enum GVisorBundle {
         for name in ["passwd", "group", "hosts"] + (networkNamespace == nil ? [] : ["resolv.conf"]) {
             mounts.append(bind(backend.etcDirectory + "/" + name, "/etc/" + name))
         }
-        for path in ["/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/alternatives", "/etc/ca-certificates", "/etc/fonts"]
+        for path in [
+            "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/alternatives", "/etc/ca-certificates", "/etc/fonts",
+        ]
         where access(path, F_OK) == 0 {
             mounts.append(bind(path, path))
         }
@@ -112,7 +121,8 @@ enum GVisorBundle {
         // --ignore-cgroups: runsc would otherwise move its sentry and gofer into unlimited groups of
         // its own; they must stay in the sandbox's cgroups, which carry the pool's limits.
         [
-            runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=\(network)", "--ignore-cgroups", "run",
+            runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=\(network)", "--ignore-cgroups",
+            "run",
             "--bundle", bundle, id,
         ]
     }

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CSandpiperShims
 import Foundation
 import Logging
 import SandpiperCore
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Sandboxes made of Linux namespaces with bubblewrap, started as a per-session unprivileged
 /// host uid, with a seccomp filter, cgroup limits and a size-limited tmpfs as `/mnt/data`.
@@ -114,9 +115,14 @@ public final class NamespaceBackend: SandboxBackend {
         }
         try Self.checkTraversable(configuration.stateDirectory, what: "the data directory")
         try Self.checkTraversable(configuration.pythonRuntime, what: "the Python runtime")
-        self.cgroups = try cgroups ?? CgroupSetup.detectHost(groupName: CgroupSetup.groupName(forStateDirectory: configuration.stateDirectory))
+        self.cgroups =
+            try cgroups
+            ?? CgroupSetup.detectHost(groupName: CgroupSetup.groupName(forStateDirectory: configuration.stateDirectory))
         try self.cgroups.prepare()
-        try FileManager.default.createDirectory(atPath: configuration.stateDirectory + "/sessions", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(
+            atPath: configuration.stateDirectory + "/sessions",
+            withIntermediateDirectories: true
+        )
         chmod(configuration.stateDirectory, 0o711)
         chmod(configuration.stateDirectory + "/sessions", 0o711)
         try writeSeccompProgram()
@@ -170,7 +176,9 @@ public final class NamespaceBackend: SandboxBackend {
         guard fd >= 0 else { throw SandpiperError.internalError("cannot write \(seccompPath)") }
         let rc = sandpiper_seccomp_export_bpf(fd)
         close(fd)
-        guard rc == 0 else { throw SandpiperError.internalError("cannot build the seccomp filter (libseccomp error \(rc))") }
+        guard rc == 0 else {
+            throw SandpiperError.internalError("cannot build the seccomp filter (libseccomp error \(rc))")
+        }
         rename(seccompPath + ".tmp", seccompPath)
     }
 
@@ -213,17 +221,21 @@ public final class NamespaceBackend: SandboxBackend {
 
     /// Why gVisor cannot run here, or nil when a trial sandbox ran (`runsc do /bin/true`).
     public static func gvisorUnavailableReason(runsc: String = "/usr/bin/runsc") -> String? {
-        guard access(runsc, X_OK) == 0 else { return "runsc is not installed at \(runsc) (apt-get install runsc, or `make setup`)" }
+        guard access(runsc, X_OK) == 0 else {
+            return "runsc is not installed at \(runsc) (apt-get install runsc, or `make setup`)"
+        }
         guard geteuid() == 0 else { return "runsc must be started as root" }
         let root = "/tmp/sandpiper-runsc-probe-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: root) }
         let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
         defer { close(devNull) }
-        guard let pid = try? ChildProcess.spawn(
-            executable: runsc,
-            arguments: ["--root", root, "--platform=ptrace", "--network=none", "do", "/bin/true"],
-            fds: [devNull, devNull, devNull]
-        ) else { return "runsc could not be started" }
+        guard
+            let pid = try? ChildProcess.spawn(
+                executable: runsc,
+                arguments: ["--root", root, "--platform=ptrace", "--network=none", "do", "/bin/true"],
+                fds: [devNull, devNull, devNull]
+            )
+        else { return "runsc could not be started" }
         var status: Int32 = 0
         for _ in 0..<300 {
             if waitpid(pid, &status, WNOHANG) == pid {
@@ -292,7 +304,12 @@ public final class NamespaceBackend: SandboxBackend {
         let known = (try? await records.records(backend: Self.name)) ?? []
         for record in known {
             // A pid from an earlier run is not our child; only the kill matters here.
-            removeTraces(id: record.id, children: [], directory: record.directory, cgroupDirectories: record.cgroupDirectories)
+            removeTraces(
+                id: record.id,
+                children: [],
+                directory: record.directory,
+                cgroupDirectories: record.cgroupDirectories
+            )
             try? await records.removeRecord(id: record.id)
             cleaned += 1
         }

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import Logging
 import SandpiperCore
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One bubblewrap sandbox running the Python agent. See `NamespaceBackend`.
 final class NamespaceSandbox: Sandbox {
@@ -88,7 +89,12 @@ final class NamespaceSandbox: Sandbox {
             tail?.close()
             for fd in openFDs { close(fd) }
             let children = [pid, networkPID, holderPID].filter { $0 > 0 }
-            let unreaped = backend.removeTraces(id: id, children: children, directory: directory, cgroupDirectories: record.cgroupDirectories)
+            let unreaped = backend.removeTraces(
+                id: id,
+                children: children,
+                directory: directory,
+                cgroupDirectories: record.cgroupDirectories
+            )
             for child in unreaped { _ = await ChildProcess.waitForExit(child) }
             try? await backend.records.removeRecord(id: id)
             backend.releaseUID(uid)
@@ -165,14 +171,16 @@ final class NamespaceSandbox: Sandbox {
                     command: agentCommand(for: spec.pool.type, runtime: config.pythonRuntime),
                     networkNamespace: networkNamespace
                 )
+                // runsc copies the interfaces of the namespace it runs in: start it inside. This
+                // runsc tells the root namespace by /proc/sys/net/core/rmem_default existing,
+                // which newer kernels show in every namespace: hide it in a private mount namespace.
                 launcher =
-                    // runsc copies the interfaces of the namespace it runs in: start it inside. This
-                    // runsc tells the root namespace by /proc/sys/net/core/rmem_default existing,
-                    // which newer kernels show in every namespace: hide it in a private mount namespace.
                     (networkNamespace.map {
                         [
-                            "/usr/bin/nsenter", "--net=\($0)", "--", "/usr/bin/unshare", "--mount", "--propagation", "private",
-                            "--", "/bin/sh", "-c", #"mount -t tmpfs -o size=4k,mode=0555 none /proc/sys/net/core && exec "$@""#,
+                            "/usr/bin/nsenter", "--net=\($0)", "--", "/usr/bin/unshare", "--mount", "--propagation",
+                            "private",
+                            "--", "/bin/sh", "-c",
+                            #"mount -t tmpfs -o size=4k,mode=0555 none /proc/sys/net/core && exec "$@""#,
                             "sandpiper-runsc",
                         ]
                     } ?? [])
@@ -257,7 +265,9 @@ final class NamespaceSandbox: Sandbox {
         }
         let options = "size=\(limits.diskBytes),mode=0700,uid=\(uid),gid=\(uid)"
         guard mount("tmpfs", data, "tmpfs", UInt(MS_NOSUID | MS_NODEV), options) == 0 else {
-            throw SandpiperError.internalError("cannot mount the session's /mnt/data: \(String(cString: strerror(errno)))")
+            throw SandpiperError.internalError(
+                "cannot mount the session's /mnt/data: \(String(cString: strerror(errno)))"
+            )
         }
     }
 
@@ -276,8 +286,10 @@ final class NamespaceSandbox: Sandbox {
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
         ]
-        for path in ["/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
-            "/etc/mime.types", "/etc/fonts"]
+        for path in [
+            "/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
+            "/etc/mime.types", "/etc/fonts",
+        ]
         where access(path, F_OK) == 0 {
             arguments += ["--ro-bind", path, path]
         }
@@ -303,7 +315,9 @@ final class NamespaceSandbox: Sandbox {
         if let networkFDs {
             arguments += ["--info-fd", "\(networkFDs.info)", "--block-fd", "\(networkFDs.block)"]
         }
-        arguments += ["--remount-ro", "/", "--seccomp", "\(seccompFD)", "--"] + agentCommand(for: spec.pool.type, runtime: runtime)
+        arguments +=
+            ["--remount-ro", "/", "--seccomp", "\(seccompFD)", "--"]
+            + agentCommand(for: spec.pool.type, runtime: runtime)
         return arguments
     }
 
@@ -346,7 +360,11 @@ final class NamespaceSandbox: Sandbox {
 
     func execute(_ request: ExecutionRequest) async throws -> ExecutionOutcome {
         guard isAlive else {
-            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")
+            throw SandpiperError(
+                .sandboxFailure,
+                code: "SessionAgentFailure",
+                "the session's sandbox is no longer running"
+            )
         }
         var fields: [String: JSONValue] = [
             "type": .string("execute"),
@@ -388,7 +406,11 @@ final class NamespaceSandbox: Sandbox {
             )
         }
         guard reply.type == "result" else {
-            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the agent refused the execution: \(reply.message ?? reply.type)")
+            throw SandpiperError(
+                .sandboxFailure,
+                code: "SessionAgentFailure",
+                "the agent refused the execution: \(reply.message ?? reply.type)"
+            )
         }
         return ExecutionOutcome(
             status: reply.status == "Success" ? .success : .failure,
@@ -443,7 +465,11 @@ final class NamespaceSandbox: Sandbox {
 
     private func checkFilesAvailable() throws(SandpiperError) {
         if destroyed.withLock({ $0 }) {
-            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "the session's sandbox is no longer running")
+            throw SandpiperError(
+                .sandboxFailure,
+                code: "SessionAgentFailure",
+                "the session's sandbox is no longer running"
+            )
         }
     }
 

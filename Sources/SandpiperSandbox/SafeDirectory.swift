@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import SandpiperCore
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// File operations on a directory that hostile code can write to, done by a privileged server.
 /// Every path is walked one component at a time with `O_NOFOLLOW`, relative to the previous
@@ -108,7 +109,10 @@ struct SafeDirectory: Sendable {
         // A second link may point at a file the sandbox could never read itself.
         guard info.st_nlink == 1 else {
             Glibc.close(fd)
-            throw SandpiperError.invalid("'\(path)' has several hard links and will not be served", code: "InvalidFilePath")
+            throw SandpiperError.invalid(
+                "'\(path)' has several hard links and will not be served",
+                code: "InvalidFilePath"
+            )
         }
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         return FileReader(fd: fd, size: Int64(info.st_size))
@@ -129,7 +133,9 @@ struct SafeDirectory: Sendable {
     }
 
     func delete(_ path: SessionFilePath) throws(SandpiperError) {
-        guard !path.isRoot else { throw SandpiperError.invalid("cannot delete /mnt/data itself", code: "InvalidFilePath") }
+        guard !path.isRoot else {
+            throw SandpiperError.invalid("cannot delete /mnt/data itself", code: "InvalidFilePath")
+        }
         let parent = try openDirectory(path.parent)
         defer { Glibc.close(parent) }
         if unlinkat(parent, path.name, 0) == 0 { return }
@@ -182,7 +188,9 @@ final class FileReader: SandboxFileReader {
             guard fd >= 0 else { return [] }
             var buffer = [UInt8](repeating: 0, count: maxBytes)
             let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, maxBytes) }
-            guard count >= 0 else { throw SandpiperError.internalError("read failed: \(String(cString: strerror(errno)))") }
+            guard count >= 0 else {
+                throw SandpiperError.internalError("read failed: \(String(cString: strerror(errno)))")
+            }
             buffer.removeLast(maxBytes - count)
             return buffer
         }
@@ -220,7 +228,10 @@ final class FileWriter: SandboxFileWriter {
             guard !state.done else { throw SandpiperError.internalError("write after finish") }
             var offset = 0
             while offset < bytes.count {
-                let written = bytes.withUnsafeBytes { Glibc.write(state.fd, $0.baseAddress! + offset, bytes.count - offset) }
+                let written = bytes.withUnsafeBytes { buffer -> Int in
+                    guard let base = buffer.baseAddress else { return 0 }
+                    return Glibc.write(state.fd, base + offset, bytes.count - offset)
+                }
                 if written < 0 {
                     if errno == EINTR { continue }
                     throw SafeDirectory.error(errno, path)

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CSandpiperShims
 import Dispatch
 import Foundation
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Outbound network for a sandbox whose pool enables egress: slirp4netns, run as the sandbox's
 /// own unprivileged uid and inside its cgroups, gives the sandbox's network namespace a tap
@@ -50,7 +51,9 @@ enum SlirpNetwork {
 
     /// Runs slirp4netns as `uid`, inside the sandbox's cgroups, on the network namespace `netns`
     /// (owned by a user namespace of that uid), and waits until tap0 is up. Returns its pid.
-    static func startSlirp(netns: Int32, cgroupProcs: [String], uid: UInt32, slirp: String, setpriv: String) throws -> pid_t {
+    static func startSlirp(netns: Int32, cgroupProcs: [String], uid: UInt32, slirp: String, setpriv: String) throws
+        -> pid_t
+    {
         let userns = sandpiper_ns_get_userns(netns)
         guard userns >= 0 else { throw failure("cannot find the user namespace: \(String(cString: strerror(errno)))") }
         defer { close(userns) }
@@ -62,7 +65,8 @@ enum SlirpNetwork {
             ["-c", joinCgroupsScript, "sandpiper-slirp"] + cgroupProcs + ["--"]
             + [
                 setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all", "--inh-caps=-all",
-                "--", slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-seccomp", "--ready-fd=5",
+                "--", slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--enable-seccomp",
+                "--ready-fd=5",
                 "--userns-path=/proc/self/fd/3", "--netns-type=path", "/proc/self/fd/4", "tap0",
             ]
         let pid: pid_t
@@ -87,7 +91,8 @@ enum SlirpNetwork {
 
     /// The shell script that writes its pid into each cgroup.procs file given before `--`, then
     /// execs the rest: every process of a sandbox starts inside its cgroups.
-    static let joinCgroupsScript = #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
+    static let joinCgroupsScript =
+        #"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#
 
     /// For gVisor: a network namespace (owned by a user namespace of the session uid) held by a
     /// sleeping process, with slirp4netns attached. runsc joins it with `--network=sandbox`.
@@ -138,7 +143,13 @@ enum SlirpNetwork {
                         }
                         defer { close(netns) }
                         do {
-                            let slirpPID = try startSlirp(netns: netns, cgroupProcs: cgroupProcs, uid: uid, slirp: slirp, setpriv: setpriv)
+                            let slirpPID = try startSlirp(
+                                netns: netns,
+                                cgroupProcs: cgroupProcs,
+                                uid: uid,
+                                slirp: slirp,
+                                setpriv: setpriv
+                            )
                             return (holder, slirpPID)
                         } catch {
                             kill(holder, SIGKILL)

@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Claims a range of host uids for this server's sandboxes, so that two servers on one host
 /// never hand the same uid to two sandboxes. The claim is an `flock` on a file in /run (a
@@ -20,7 +21,10 @@ public enum UIDRangeLock {
             let candidate = base + UInt32(attempt) * width
             let fd = open(directory + "/uids-\(candidate).lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
             guard fd >= 0 else {
-                throw SandpiperError(.unavailable, "cannot create \(directory)/uids-\(candidate).lock: \(String(cString: strerror(errno)))")
+                throw SandpiperError(
+                    .unavailable,
+                    "cannot create \(directory)/uids-\(candidate).lock: \(String(cString: strerror(errno)))"
+                )
             }
             if flock(fd, LOCK_EX | LOCK_NB) == 0 {
                 // Deliberately never closed: the lock lives as long as the server.

@@ -48,11 +48,19 @@ public actor ExecutionRegistry {
         prune()
         let key = Key(pool: session.poolName, identifier: session.identifier, id: id)
         if records[key] != nil {
-            throw SandpiperError(.conflict, code: "ExecutionAlreadyExists", "an execution with id '\(id)' already exists in this session")
+            throw SandpiperError(
+                .conflict,
+                code: "ExecutionAlreadyExists",
+                "an execution with id '\(id)' already exists in this session"
+            )
         }
         let running = records.values.filter { if case .running = $0.state { return true } else { return false } }.count
         guard records.count - running < capacity || running < capacity else {
-            throw SandpiperError(.unavailable, code: "TooManyExecutions", "too many asynchronous executions are running; retry later")
+            throw SandpiperError(
+                .unavailable,
+                code: "TooManyExecutions",
+                "too many asynchronous executions are running; retry later"
+            )
         }
         let record = Record(
             id: id,
@@ -97,7 +105,8 @@ public actor ExecutionRegistry {
             if let finished = record.finishedAt, finished < cutoff { records[key] = nil }
         }
         if records.count > capacity {
-            let finished = records.filter { $0.value.finishedAt != nil }.sorted { $0.value.finishedAt! < $1.value.finishedAt! }
+            let finished = records.compactMap { key, record in record.finishedAt.map { (key, $0) } }
+                .sorted { $0.1 < $1.1 }
             for (key, _) in finished.prefix(records.count - capacity) { records[key] = nil }
         }
     }

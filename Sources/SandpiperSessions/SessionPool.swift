@@ -268,7 +268,9 @@ public actor SessionPool {
     public func runtime() async throws -> RuntimeDescription {
         if let runtimeDescription { return runtimeDescription }
         let description: RuntimeDescription
-        if let sandbox = ready.first(where: { $0.isAlive }) ?? sessions.values.first(where: { $0.sandbox.isAlive })?.sandbox {
+        if let sandbox = ready.first(where: { $0.isAlive })
+            ?? sessions.values.first(where: { $0.sandbox.isAlive })?.sandbox
+        {
             description = try await sandbox.describeRuntime()
         } else {
             let sandbox = try await launchSandbox()

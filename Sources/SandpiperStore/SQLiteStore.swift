@@ -60,7 +60,11 @@ public final class SQLiteStore: SandboxRecordStore {
 
     public func records(backend: String) async throws -> [SandboxRecord] {
         let blobs: [Data] = try await database.read { db in
-            try Data.fetchAll(db, sql: "SELECT record FROM sandbox WHERE backend = ? ORDER BY createdAt", arguments: [backend])
+            try Data.fetchAll(
+                db,
+                sql: "SELECT record FROM sandbox WHERE backend = ? ORDER BY createdAt",
+                arguments: [backend]
+            )
         }
         return blobs.compactMap { try? JSONDecoder().decode(SandboxRecord.self, from: $0) }
     }

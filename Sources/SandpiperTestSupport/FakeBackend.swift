@@ -68,13 +68,19 @@ public final class FakeSandbox: Sandbox {
     /// `sleep:<seconds>` waits; `fail` fails; `crash` kills the guest; `exit:<n>` ends like a
     /// shell command with status n; anything else echoes.
     public func execute(_ request: ExecutionRequest) async throws -> ExecutionOutcome {
-        guard isAlive else { throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "fake sandbox is dead") }
+        guard isAlive else {
+            throw SandpiperError(.sandboxFailure, code: "SessionAgentFailure", "fake sandbox is dead")
+        }
         executions.withLock { $0.append(request) }
         if request.code.hasPrefix("sleep:"), let seconds = Double(request.code.dropFirst(6)) {
             try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
         }
         if request.code.hasPrefix("exit:"), let code = Int(request.code.dropFirst(5)) {
-            return ExecutionOutcome(status: code == 0 ? .success : .failure, stdout: request.stdin ?? "", exitCode: code)
+            return ExecutionOutcome(
+                status: code == 0 ? .success : .failure,
+                stdout: request.stdin ?? "",
+                exitCode: code
+            )
         }
         switch request.code {
         case "fail":

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import Foundation
 import Hummingbird
@@ -13,6 +10,10 @@ import SandpiperCore
 import SandpiperSandbox
 import SandpiperSessions
 import SandpiperStore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,7 +28,8 @@ struct Serve: AsyncParsableCommand {
     @Option(name: .customLong("python-runtime"), help: "The sandbox Python venv made by `make setup`.")
     var pythonRuntime: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error.") var logLevel: String?
-    @Option(name: .customLong("tls-cert"), help: "PEM certificate (chain) file: serve HTTPS.") var tlsCertificate: String?
+    @Option(name: .customLong("tls-cert"), help: "PEM certificate (chain) file: serve HTTPS.") var tlsCertificate:
+        String?
     @Option(name: .customLong("tls-key"), help: "PEM private key file for --tls-cert.") var tlsKey: String?
     @Option(name: .customLong("port-file"), help: "Write the bound port to this file once listening (for tests).")
     var portFile: String?
@@ -90,7 +92,10 @@ struct Serve: AsyncParsableCommand {
         let portFile = portFile
         let poolNames = settings.pools.map(\.name)
         let http1 = HTTPServerBuilder.http1(configuration: .init(idleTimeout: .seconds(75)))
-        let server = try settings.tlsCertificate.map { _ in try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings)) } ?? http1
+        let server =
+            try settings.tlsCertificate.map { _ in
+                try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings))
+            } ?? http1
         let scheme = settings.tlsCertificate == nil ? "http" : "https"
         let app = Application(
             router: router,
@@ -103,9 +108,11 @@ struct Serve: AsyncParsableCommand {
                 var lines = ["Sandpiper is listening on \(base)"]
                 for name in poolNames { lines.append("  pool endpoint: \(base)/pools/\(name)") }
                 lines.append("  API key:       \(apiKey)")
-                lines.append("  try: curl -s -X POST '\(base)/pools/\(poolNames[0])/code/execute?identifier=demo-1' "
-                    + "-H 'Authorization: Bearer \(apiKey)' -H 'Content-Type: application/json' "
-                    + "-d '{\"properties\":{\"code\":\"1+1\"}}'")
+                lines.append(
+                    "  try: curl -s -X POST '\(base)/pools/\(poolNames[0])/code/execute?identifier=demo-1' "
+                        + "-H 'Authorization: Bearer \(apiKey)' -H 'Content-Type: application/json' "
+                        + "-d '{\"properties\":{\"code\":\"1+1\"}}'"
+                )
                 print(lines.joined(separator: "\n"))
                 fflush(nil)
                 if let portFile { try? "\(port)\n".write(toFile: portFile, atomically: true, encoding: .utf8) }
@@ -123,7 +130,10 @@ func tlsConfiguration(_ settings: ServerConfiguration) throws -> TLSConfiguratio
     do {
         let chain = try NIOSSLCertificate.fromPEMFile(certificatePath)
         let key = try NIOSSLPrivateKey(file: keyPath, format: .pem)
-        return TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+        return TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) },
+            privateKey: .privateKey(key)
+        )
     } catch {
         throw SandpiperError.invalid("cannot load the TLS certificate \(certificatePath) or key \(keyPath): \(error)")
     }

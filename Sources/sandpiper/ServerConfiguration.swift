@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import SandpiperCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Everything `sandpiper serve` needs, from defaults, then the config file, then the
 /// environment, then flags (later wins). The file is JSON; every key is documented in
@@ -13,7 +14,8 @@ struct ServerConfiguration: Sendable {
     var dataDirectory = ServerConfiguration.defaultDataDirectory
     var apiKey: String?
     var logLevel = "info"
-    var pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"]
+    var pythonRuntime =
+        ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"]
         ?? "/var/lib/sandpiper/runtimes/python"
     var uidBase: UInt32 = 230_000
     /// Set in the config file: then only that range is acceptable.
@@ -40,7 +42,9 @@ struct ServerConfiguration: Sendable {
         } catch {
             throw SandpiperError.invalid("config file \(path) is not valid JSON: \(error)")
         }
-        guard case .object(let object) = root else { throw SandpiperError.invalid("config file \(path) must hold a JSON object") }
+        guard case .object(let object) = root else {
+            throw SandpiperError.invalid("config file \(path) must hold a JSON object")
+        }
         var reader = ConfigObject(object, path: "")
         if let server = try reader.object("server") {
             var server = server
@@ -80,16 +84,21 @@ struct ServerConfiguration: Sendable {
     }
 
     static func pool(_ reader: inout ConfigObject) throws -> PoolConfiguration {
-        guard let name = try reader.string("name") else { throw SandpiperError.invalid("config: \(reader.path)name is required") }
+        guard let name = try reader.string("name") else {
+            throw SandpiperError.invalid("config: \(reader.path)name is required")
+        }
         var pool = PoolConfiguration(name: name)
         if let type = try reader.string("type") { pool.type = try PoolType(caseInsensitive: type) }
         pool.readySessionInstances = try reader.integer("readySessionInstances") ?? pool.readySessionInstances
         pool.maxConcurrentSessions = try reader.integer("maxConcurrentSessions") ?? pool.maxConcurrentSessions
         pool.cooldownPeriodInSeconds = try reader.integer("cooldownPeriodInSeconds") ?? pool.cooldownPeriodInSeconds
         pool.egressEnabled = try reader.bool("egressEnabled") ?? pool.egressEnabled
-        if let isolation = try reader.string("isolation") { pool.isolation = try IsolationTier(caseInsensitive: isolation) }
+        if let isolation = try reader.string("isolation") {
+            pool.isolation = try IsolationTier(caseInsensitive: isolation)
+        }
         pool.maxExecutionSeconds = try reader.integer("maxExecutionSeconds") ?? pool.maxExecutionSeconds
-        pool.defaultExecutionSeconds = try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)
+        pool.defaultExecutionSeconds =
+            try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)
         pool.maxUploadBytes = try reader.size("maxUploadSize") ?? pool.maxUploadBytes
         if let limits = try reader.object("limits") {
             var limits = limits
@@ -117,7 +126,9 @@ struct ServerConfiguration: Sendable {
         var seen = Set<String>()
         for pool in pools {
             try pool.validate()
-            guard seen.insert(pool.name).inserted else { throw SandpiperError.invalid("config: pool '\(pool.name)' is defined twice") }
+            guard seen.insert(pool.name).inserted else {
+                throw SandpiperError.invalid("config: pool '\(pool.name)' is defined twice")
+            }
         }
         if (tlsCertificate == nil) != (tlsKey == nil) {
             throw SandpiperError.invalid("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
@@ -189,7 +200,9 @@ struct ConfigObject {
         case nil: return nil
         case .integer(let value)?: return value
         case .string(let text)?:
-            guard let bytes = Self.parseSize(text) else { throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes") }
+            guard let bytes = Self.parseSize(text) else {
+                throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes")
+            }
             return bytes
         default: throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes")
         }

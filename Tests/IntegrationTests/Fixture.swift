@@ -14,13 +14,16 @@ let integrationEnabled = ProcessInfo.processInfo.environment["SANDPIPER_INTEGRAT
 /// Every tier this host can run: the suites below run against each (a matrix, not a copy).
 /// With SANDPIPER_REQUIRE_GVISOR=1 a host without gVisor fails instead of testing one tier.
 let tiers: [IsolationTier] = {
-    if NamespaceBackend.gvisorUnavailableReason() == nil || ProcessInfo.processInfo.environment["SANDPIPER_REQUIRE_GVISOR"] == "1" {
+    if NamespaceBackend.gvisorUnavailableReason() == nil
+        || ProcessInfo.processInfo.environment["SANDPIPER_REQUIRE_GVISOR"] == "1"
+    {
         return IsolationTier.allCases
     }
     return [.namespaces]
 }()
 
-let pythonRuntime = ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"] ?? "/var/lib/sandpiper/runtimes/python"
+let pythonRuntime =
+    ProcessInfo.processInfo.environment["SANDPIPER_PYTHON_RUNTIME"] ?? "/var/lib/sandpiper/runtimes/python"
 
 /// One backend with its own state directory and uid range, torn down after the test.
 final class Fixture: Sendable {
@@ -75,7 +78,9 @@ final class Fixture: Sendable {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.compactMap { Int32($0) }.filter { pid in
             guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return false }
-            return status.split(separator: "\n").contains { $0.hasPrefix("Uid:") && $0.split(separator: "\t").dropFirst().first == Substring("\(uid)") }
+            return status.split(separator: "\n").contains {
+                $0.hasPrefix("Uid:") && $0.split(separator: "\t").dropFirst().first == Substring("\(uid)")
+            }
         }
     }
 
@@ -107,15 +112,26 @@ final class Fixture: Sendable {
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(leftovers.isEmpty, "processes left: \(leftovers)", sourceLocation: sourceLocation)
-        #expect(backend.cgroups.pids(sandboxID: sandbox.id).isEmpty, "processes left in its cgroups", sourceLocation: sourceLocation)
+        #expect(
+            backend.cgroups.pids(sandboxID: sandbox.id).isEmpty,
+            "processes left in its cgroups",
+            sourceLocation: sourceLocation
+        )
         let runsc = processes(commandContaining: sandbox.id)
         #expect(runsc.isEmpty, "runsc processes left: \(runsc)", sourceLocation: sourceLocation)
         #expect(mounts(under: sandbox.directory).isEmpty, "mounts left", sourceLocation: sourceLocation)
-        #expect(!FileManager.default.fileExists(atPath: sandbox.directory), "session directory left", sourceLocation: sourceLocation)
+        #expect(
+            !FileManager.default.fileExists(atPath: sandbox.directory),
+            "session directory left",
+            sourceLocation: sourceLocation
+        )
         for dir in backend.cgroups.directories(for: sandbox.id) {
             #expect(!FileManager.default.fileExists(atPath: dir), "cgroup left: \(dir)", sourceLocation: sourceLocation)
         }
-        #expect(try await records.records(backend: NamespaceBackend.name).allSatisfy { $0.id != sandbox.id }, sourceLocation: sourceLocation)
+        #expect(
+            try await records.records(backend: NamespaceBackend.name).allSatisfy { $0.id != sandbox.id },
+            sourceLocation: sourceLocation
+        )
     }
 
     func tearDown() async {

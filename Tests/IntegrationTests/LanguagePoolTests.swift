@@ -22,7 +22,9 @@ struct LanguagePoolTests {
             _ = try await sandbox.run("const fs = require('fs'); let total = 40; function add(a, b) { return a + b }")
             let value = try await sandbox.run("await new Promise(r => setTimeout(r, 20)); add(total, 2)")
             #expect(value.result == .integer(42), "\(value)")
-            let io = try await sandbox.run("fs.writeFileSync('n.txt', 'node!'); console.log(process.cwd()); fs.readFileSync('n.txt', 'utf8')")
+            let io = try await sandbox.run(
+                "fs.writeFileSync('n.txt', 'node!'); console.log(process.cwd()); fs.readFileSync('n.txt', 'utf8')"
+            )
             #expect(io.stdout == "/mnt/data\n")
             #expect(io.result == .string("node!"))
             let object = try await sandbox.run("({a: 1, b: [1, 2]})")
@@ -61,7 +63,9 @@ struct LanguagePoolTests {
             #expect(second.stderr.contains("/nope"))
             #expect(second.exitCode == 2)
             #expect(second.status == .failure)
-            let input = try await sandbox.execute(ExecutionRequest(code: "tr a-z A-Z", timeoutSeconds: 10, outputLimit: 4096, stdin: "shout"))
+            let input = try await sandbox.execute(
+                ExecutionRequest(code: "tr a-z A-Z", timeoutSeconds: 10, outputLimit: 4096, stdin: "shout")
+            )
             #expect(input.stdout == "SHOUT")
             let tools = try await sandbox.run("python3 -c 'print(6*7)' && node -e 'console.log(6*7)'")
             #expect(tools.stdout == "42\n42\n", "\(tools)")
@@ -81,7 +85,9 @@ struct LanguagePoolTests {
             #expect(hung.timedOut)
             #expect(hung.exitCode == 124)
             #expect(try await sandbox.run("echo ok").stdout == "ok\n")
-            let capped = try await sandbox.execute(ExecutionRequest(code: "yes | head -c 100000", timeoutSeconds: 10, outputLimit: 4096))
+            let capped = try await sandbox.execute(
+                ExecutionRequest(code: "yes | head -c 100000", timeoutSeconds: 10, outputLimit: 4096)
+            )
             #expect(capped.stdout.utf8.count == 4096)
             #expect(capped.stdoutTruncated)
         }
@@ -89,7 +95,8 @@ struct LanguagePoolTests {
 
     @Test(
         "Node and Shell sessions cannot read host files, see the network or other sessions",
-        arguments: [PoolType.nodeLTS, .shell], tiers
+        arguments: [PoolType.nodeLTS, .shell],
+        tiers
     )
     func isolation(type: PoolType, tier: IsolationTier) async throws {
         try await withFixture { fixture in
@@ -97,7 +104,10 @@ struct LanguagePoolTests {
             defer { server.close() }
             let other = try await fixture.launch(Self.pool(type, tier: tier))
             defer { Task { await other.destroy() } }
-            _ = try await other.run(type == .shell ? "echo secret > other-session.txt" : "require('fs').writeFileSync('other-session.txt', 'secret')")
+            _ = try await other.run(
+                type == .shell
+                    ? "echo secret > other-session.txt" : "require('fs').writeFileSync('other-session.txt', 'secret')"
+            )
             let sandbox = try await fixture.launch(Self.pool(type, tier: tier))
             defer { Task { await sandbox.destroy() } }
             let probe: String

@@ -1,12 +1,13 @@
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import SandpiperCore
 import Testing
 
 @testable import SandpiperSandbox
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite("Namespace sandbox (real bubblewrap + Python)", .enabled(if: integrationEnabled), .serialized)
 struct NamespaceSandboxTests {
@@ -153,10 +154,14 @@ struct NamespaceSandboxTests {
             let text = try #require(outcome.result.stringValue, "\(outcome)")
             // gVisor serves a /sys of its own: its network view lists only the sandbox's loopback.
             if tier == .gvisor { #expect(text.contains("'/sys/class/net': 'listed:lo'"), "\(text)") }
-            let hidden = ["/etc/shadow", "/root", "/home", fixture.stateDirectory, "/proc/1/root/etc/shadow", "/work"]
+            let hidden =
+                ["/etc/shadow", "/root", "/home", fixture.stateDirectory, "/proc/1/root/etc/shadow", "/work"]
                 + (tier == .namespaces ? ["/sys/class/net"] : [])
             for path in hidden {
-                #expect(text.contains("'\(path)': 'FileNotFoundError'") || text.contains("'\(path)': 'PermissionError'"), "\(path) in \(text)")
+                #expect(
+                    text.contains("'\(path)': 'FileNotFoundError'") || text.contains("'\(path)': 'PermissionError'"),
+                    "\(path) in \(text)"
+                )
             }
             for path in ["/usr/x", "/etc/x", "/opt/x", "/x"] {
                 #expect(!text.contains("'\(path)': 'written'"), "\(path) in \(text)")
@@ -205,7 +210,12 @@ struct NamespaceSandboxTests {
         try await withFixture { fixture in
             let a = try await fixture.launch(Fixture.pool(tier: tier))
             let b = try await fixture.launch(Fixture.pool(tier: tier))
-            defer { Task { await a.destroy(); await b.destroy() } }
+            defer {
+                Task {
+                    await a.destroy()
+                    await b.destroy()
+                }
+            }
             _ = try await a.run("open('secret-a.txt', 'w').write('A'); import time; marker = 'a-proc'")
             let fromB = try await b.run(
                 "import os\n(os.listdir('/mnt/data'), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
@@ -221,7 +231,10 @@ struct NamespaceSandboxTests {
         }
     }
 
-    @Test("With egress off there is no interface but lo, no route, and a host loopback server is unreachable", arguments: tiers)
+    @Test(
+        "With egress off there is no interface but lo, no route, and a host loopback server is unreachable",
+        arguments: tiers
+    )
     func noEgress(tier: IsolationTier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
@@ -262,7 +275,10 @@ struct NamespaceSandboxTests {
         }
     }
 
-    @Test("With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback", arguments: tiers)
+    @Test(
+        "With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback",
+        arguments: tiers
+    )
     func egressOn(tier: IsolationTier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
@@ -307,7 +323,10 @@ struct NamespaceSandboxTests {
             let other = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await other.destroy() } }
             do {
-                let outcome = try await sandbox.run("blocks = []\nwhile True: blocks.append(bytearray(32 << 20))", timeout: 60)
+                let outcome = try await sandbox.run(
+                    "blocks = []\nwhile True: blocks.append(bytearray(32 << 20))",
+                    timeout: 60
+                )
                 // Python may also see MemoryError first: a failure result is fine.
                 #expect(outcome.status == .failure)
             } catch let error as SandpiperError {
@@ -326,13 +345,15 @@ struct NamespaceSandboxTests {
             let sandbox = try await fixture.launch(Fixture.pool(pids: 48, tier: tier))
             let other = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await other.destroy() } }
-            let code = "import subprocess\nsubprocess.run(['bash', '-c', ':(){ :|:& };:; sleep 2'], timeout=5)\n'survived'"
+            let code =
+                "import subprocess\nsubprocess.run(['bash', '-c', ':(){ :|:& };:; sleep 2'], timeout=5)\n'survived'"
             switch tier {
             case .namespaces:
                 let outcome = try await sandbox.run(code, timeout: 15)
                 #expect(outcome.status == .success || outcome.status == .failure)
                 let current = try String(
-                    contentsOfFile: fixture.backend.cgroups.bases["pids", default: ""] + "/" + sandbox.id + "/pids.current",
+                    contentsOfFile: fixture.backend.cgroups.bases["pids", default: ""] + "/" + sandbox.id
+                        + "/pids.current",
                     encoding: .utf8
                 )
                 #expect(Int(current.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 9999 <= 48)
@@ -352,7 +373,10 @@ struct NamespaceSandboxTests {
         }
     }
 
-    @Test("/mnt/data has a size limit: a cell that fills it gets ENOSPC and an upload gets SessionDiskFull", arguments: tiers)
+    @Test(
+        "/mnt/data has a size limit: a cell that fills it gets ENOSPC and an upload gets SessionDiskFull",
+        arguments: tiers
+    )
     func diskQuota(tier: IsolationTier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(disk: 8 << 20, tier: tier))
@@ -369,7 +393,11 @@ struct NamespaceSandboxTests {
                 #expect(error.code == "SessionDiskFull")
                 await writer.abort()
             }
-            #expect(try await sandbox.listFiles(in: .root, recursive: true).allSatisfy { !$0.path.name.hasPrefix(".sandpiper-upload") })
+            #expect(
+                try await sandbox.listFiles(in: .root, recursive: true).allSatisfy {
+                    !$0.path.name.hasPrefix(".sandpiper-upload")
+                }
+            )
         }
     }
 
@@ -413,7 +441,9 @@ struct NamespaceSandboxTests {
     func destroyCleans(tier: IsolationTier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
-            _ = try await sandbox.run("import subprocess; subprocess.Popen(['sleep', '1000']); open('f', 'w').write('x')")
+            _ = try await sandbox.run(
+                "import subprocess; subprocess.Popen(['sleep', '1000']); open('f', 'w').write('x')"
+            )
             let contained = Set(fixture.backend.cgroups.pids(sandboxID: sandbox.id))
             #expect(!contained.isEmpty)
             // Every process of the sandbox (gVisor's sentry and gofer included) is in its cgroups,
@@ -432,7 +462,11 @@ struct NamespaceSandboxTests {
         let runtime = "/tmp/sandpiper-broken-runtime-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: runtime + "/bin", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: runtime) }
-        try "#!/bin/sh\necho 'interpreter exploded on start' >&2\nexit 3\n".write(toFile: runtime + "/bin/python", atomically: true, encoding: .utf8)
+        try "#!/bin/sh\necho 'interpreter exploded on start' >&2\nexit 3\n".write(
+            toFile: runtime + "/bin/python",
+            atomically: true,
+            encoding: .utf8
+        )
         chmod(runtime + "/bin/python", 0o755)
         chmod(runtime, 0o755)
         chmod(runtime + "/bin", 0o755)
@@ -489,7 +523,9 @@ final class LoopbackServer: Sendable {
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
         address.sin_port = 0
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
         }
         guard bound == 0, listen(fd, 16) == 0 else { throw SandpiperError.internalError("cannot listen on loopback") }
         var length = socklen_t(MemoryLayout<sockaddr_in>.size)

@@ -18,7 +18,11 @@ struct Harness {
     let sessions: SessionManager
     let router: Router<BasicRequestContext>
 
-    init(pools: [PoolConfiguration] = [PoolConfiguration(name: "python", readySessionInstances: 0, maxConcurrentSessions: 2)]) {
+    init(
+        pools: [PoolConfiguration] = [
+            PoolConfiguration(name: "python", readySessionInstances: 0, maxConcurrentSessions: 2)
+        ]
+    ) {
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         let backend = self.backend
         sessions = SessionManager(
@@ -51,7 +55,10 @@ struct DataPlaneTests {
     @Test("code/execute answers the exact legacy shape, for wrapped and flat bodies")
     func executeShape() async throws {
         try await Harness().test { client in
-            for body in [#"{"properties":{"codeInputType":"inline","executionType":"synchronous","code":"1+1"}}"#, #"{"code":"1+1"}"#] {
+            for body in [
+                #"{"properties":{"codeInputType":"inline","executionType":"synchronous","code":"1+1"}}"#,
+                #"{"code":"1+1"}"#,
+            ] {
                 try await client.execute(
                     uri: "/pools/python/code/execute?api-version=2024-02-02-preview&identifier=abcd-1",
                     method: .post,
@@ -99,14 +106,27 @@ struct DataPlaneTests {
         let harness = Harness(pools: [pool])
         let backend = harness.backend
         try await harness.test { client in
-            for (body, expected) in [(#"{"code":"a","timeoutInSeconds":100}"#, 30.0), (#"{"code":"b"}"#, 20.0), (#"{"code":"c","timeoutInSeconds":"5"}"#, 5.0)] {
-                try await client.execute(uri: "/pools/python/code/execute?identifier=tmo-1", method: .post, headers: auth, body: ByteBuffer(string: body)) {
+            for (body, expected) in [
+                (#"{"code":"a","timeoutInSeconds":100}"#, 30.0), (#"{"code":"b"}"#, 20.0),
+                (#"{"code":"c","timeoutInSeconds":"5"}"#, 5.0),
+            ] {
+                try await client.execute(
+                    uri: "/pools/python/code/execute?identifier=tmo-1",
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: body)
+                ) {
                     #expect($0.status == .ok)
                 }
                 let last = backend.sandboxes.withLock { $0.last }
                 #expect(last?.executions.withLock { $0.last?.timeoutSeconds } == expected)
             }
-            try await client.execute(uri: "/pools/python/code/execute?identifier=tmo-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"x","timeoutInSeconds":0}"#)) {
+            try await client.execute(
+                uri: "/pools/python/code/execute?identifier=tmo-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"code":"x","timeoutInSeconds":0}"#)
+            ) {
                 #expect($0.status == .badRequest)
             }
         }
@@ -115,8 +135,12 @@ struct DataPlaneTests {
     @Test("Every route requires the bearer key and answers 401 in the Azure error shape")
     func unauthorized() async throws {
         try await Harness().test { client in
-            for headers: HTTPFields in [[:], [.authorization: "Bearer wrong-key-wrong-key"], [.authorization: "Basic \(testKey)"], [.authorization: "Bearer \(testKey)x"]] {
-                try await client.execute(uri: "/pools/python/files?identifier=abcd", method: .get, headers: headers) { response in
+            for headers: HTTPFields in [
+                [:], [.authorization: "Bearer wrong-key-wrong-key"], [.authorization: "Basic \(testKey)"],
+                [.authorization: "Bearer \(testKey)x"],
+            ] {
+                try await client.execute(uri: "/pools/python/files?identifier=abcd", method: .get, headers: headers) {
+                    response in
                     #expect(response.status == .unauthorized)
                     #expect(response.headers[HTTPField.Name("x-ms-error-code")!] == "Unauthorized")
                     try #expect(errorCode(response) == "Unauthorized")
@@ -138,10 +162,14 @@ struct DataPlaneTests {
                 ("/pools/python/code/execute?identifier=abcd", "", "InvalidRequestBody"),
                 ("/pools/python/code/execute?identifier=abcd", #"{"properties":{}}"#, "SessionPropertiesMissing"),
                 ("/pools/python/code/execute?identifier=abcd", #"{"code":42}"#, "InvalidRequestBody"),
-                ("/pools/python/code/execute?identifier=abcd", #"{"code":"1","codeInputType":"Telepathy"}"#, "InvalidRequestBody"),
+                (
+                    "/pools/python/code/execute?identifier=abcd", #"{"code":"1","codeInputType":"Telepathy"}"#,
+                    "InvalidRequestBody"
+                ),
             ]
             for (uri, body, code) in cases {
-                try await client.execute(uri: uri, method: .post, headers: auth, body: ByteBuffer(string: body)) { response in
+                try await client.execute(uri: uri, method: .post, headers: auth, body: ByteBuffer(string: body)) {
+                    response in
                     #expect(response.status == .badRequest, "\(uri) \(body)")
                     try #expect(errorCode(response) == code, "\(uri) \(body)")
                 }
@@ -152,8 +180,11 @@ struct DataPlaneTests {
     @Test("Unknown routes and pools are 404 JSON")
     func notFound() async throws {
         try await Harness().test { client in
-            for uri in ["/nothing", "/pools/python/code/run?identifier=abcd", "/pools/ghost/code/execute?identifier=abcd"] {
-                try await client.execute(uri: uri, method: .post, headers: auth, body: ByteBuffer(string: "{}")) { response in
+            for uri in [
+                "/nothing", "/pools/python/code/run?identifier=abcd", "/pools/ghost/code/execute?identifier=abcd",
+            ] {
+                try await client.execute(uri: uri, method: .post, headers: auth, body: ByteBuffer(string: "{}")) {
+                    response in
                     #expect(response.status == .notFound, "\(uri)")
                     try #expect(errorCode(response) != nil)
                 }
@@ -171,7 +202,12 @@ struct DataPlaneTests {
                 "/subscriptions/s1/resourceGroups/g1/sessionPools/python/code/execute?identifier=same-one",
                 "/pools/python/python/execute?identifier=same%2Done",
             ] {
-                try await client.execute(uri: uri, method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"1"}"#)) {
+                try await client.execute(
+                    uri: uri,
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: #"{"code":"1"}"#)
+                ) {
                     #expect($0.status == .ok, "\(uri)")
                 }
             }
@@ -184,11 +220,21 @@ struct DataPlaneTests {
     func maxSessions() async throws {
         try await Harness().test { client in
             for identifier in ["first", "second"] {
-                try await client.execute(uri: "/pools/python/code/execute?identifier=\(identifier)", method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"1"}"#)) {
+                try await client.execute(
+                    uri: "/pools/python/code/execute?identifier=\(identifier)",
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: #"{"code":"1"}"#)
+                ) {
                     #expect($0.status == .ok)
                 }
             }
-            try await client.execute(uri: "/pools/python/code/execute?identifier=third", method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"1"}"#)) { response in
+            try await client.execute(
+                uri: "/pools/python/code/execute?identifier=third",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"code":"1"}"#)
+            ) { response in
                 #expect(response.status == .notFound)
                 try #expect(errorCode(response) == "SessionPoolMaxSessionsReached")
                 #expect(response.headers[HTTPField.Name("x-ms-error-code")!] == "SessionPoolMaxSessionsReached")
@@ -197,8 +243,10 @@ struct DataPlaneTests {
     }
 
     static func multipart(boundary: String, filename: String, content: String) -> ByteBuffer {
-        ByteBuffer(string: "--\(boundary)\r\nContent-Disposition: form-data; name=\"file\"; filename=\"\(filename)\"\r\n"
-            + "Content-Type: application/octet-stream\r\n\r\n\(content)\r\n--\(boundary)--\r\n")
+        ByteBuffer(
+            string: "--\(boundary)\r\nContent-Disposition: form-data; name=\"file\"; filename=\"\(filename)\"\r\n"
+                + "Content-Type: application/octet-stream\r\n\r\n\(content)\r\n--\(boundary)--\r\n"
+        )
     }
 
     @Test("Upload strips /mnt/data/, lists, downloads and deletes; SK's application/json multipart works")
@@ -209,7 +257,9 @@ struct DataPlaneTests {
             try await client.execute(
                 uri: "/pools/python/files/upload?identifier=file-sess",
                 method: .post,
-                headers: [.authorization: "Bearer \(testKey)", .contentType: "multipart/form-data; boundary=\(boundary)"],
+                headers: [
+                    .authorization: "Bearer \(testKey)", .contentType: "multipart/form-data; boundary=\(boundary)",
+                ],
                 body: Self.multipart(boundary: boundary, filename: "/mnt/data/data.csv", content: "a,b\n1,2\n")
             ) { response in
                 #expect(response.status == .ok)
@@ -226,27 +276,47 @@ struct DataPlaneTests {
                 headers: auth,
                 body: Self.multipart(boundary: "sk-boundary-42", filename: "/mnt/data/sub dir/ñ.txt", content: "sk!")
             ) { #expect($0.status == .ok) }
-            try await client.execute(uri: "/pools/python/files?identifier=file-sess", method: .get, headers: auth) { response in
+            try await client.execute(uri: "/pools/python/files?identifier=file-sess", method: .get, headers: auth) {
+                response in
                 let value = try #require(try json(response.body)["value"] as? [[String: Any]])
                 let names = value.compactMap { ($0["properties"] as? [String: Any])?["filename"] as? String }
                 #expect(names == ["data.csv", "sub dir/ñ.txt"])
             }
-            try await client.execute(uri: "/pools/python/files/content/sub%20dir/%C3%B1.txt?identifier=file-sess", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/files/content/sub%20dir/%C3%B1.txt?identifier=file-sess",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(response.status == .ok)
                 #expect(String(buffer: response.body) == "sk!")
             }
-            try await client.execute(uri: "/pools/python/python/downloadFile?filename=data.csv&identifier=file-sess", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/python/downloadFile?filename=data.csv&identifier=file-sess",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(String(buffer: response.body) == "a,b\n1,2\n")
                 #expect(response.headers[.contentType] == "text/csv")
             }
-            try await client.execute(uri: "/pools/python/files/data.csv?identifier=file-sess", method: .delete, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/files/data.csv?identifier=file-sess",
+                method: .delete,
+                headers: auth
+            ) {
                 #expect($0.status == .ok)
             }
-            try await client.execute(uri: "/pools/python/files/content/data.csv?identifier=file-sess", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/files/content/data.csv?identifier=file-sess",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(response.status == .notFound)
                 try #expect(errorCode(response) == "FileNotFound")
             }
-            for uri in ["/pools/python/files/content/..%2F..%2Fetc%2Fpasswd?identifier=file-sess", "/pools/python/files/content/a/../../b?identifier=file-sess"] {
+            for uri in [
+                "/pools/python/files/content/..%2F..%2Fetc%2Fpasswd?identifier=file-sess",
+                "/pools/python/files/content/a/../../b?identifier=file-sess",
+            ] {
                 try await client.execute(uri: uri, method: .get, headers: auth) { response in
                     #expect(response.status == .badRequest || response.status == .notFound, "\(uri)")
                     #expect(!String(buffer: response.body).contains("root:"))
@@ -273,12 +343,19 @@ struct DataPlaneTests {
                 uri: "/pools/python/files/upload?identifier=limit-1",
                 method: .post,
                 headers: [.authorization: "Bearer \(testKey)", .contentType: "multipart/form-data; boundary=b0und"],
-                body: ByteBuffer(string: "--b0und\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhi\r\n--b0und--\r\n")
+                body: ByteBuffer(
+                    string: "--b0und\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhi\r\n--b0und--\r\n"
+                )
             ) { response in
                 #expect(response.status == .badRequest)
                 try #expect(errorCode(response) == "InvalidMultipartBody")
             }
-            try await client.execute(uri: "/pools/python/files/upload?identifier=limit-1", method: .post, headers: auth, body: ByteBuffer(string: "{}")) {
+            try await client.execute(
+                uri: "/pools/python/files/upload?identifier=limit-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: "{}")
+            ) {
                 #expect($0.status == .badRequest)
             }
         }

@@ -74,7 +74,11 @@ struct ModernDataPlaneTests {
             }
             var final: [String: Any] = [:]
             for _ in 0..<50 {
-                try await client.execute(uri: "/pools/python/executions/slow-op?\(modern)&identifier=async-1", method: .get, headers: auth) { response in
+                try await client.execute(
+                    uri: "/pools/python/executions/slow-op?\(modern)&identifier=async-1",
+                    method: .get,
+                    headers: auth
+                ) { response in
                     #expect(response.status == .ok)
                     final = try json(response.body)
                 }
@@ -90,7 +94,11 @@ struct ModernDataPlaneTests {
                 headers: headers,
                 body: ByteBuffer(string: #"{"code":"x","executionType":"Asynchronous"}"#)
             ) { #expect($0.status == .conflict) }
-            try await client.execute(uri: "/pools/python/executions/nope?\(modern)&identifier=async-1", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/executions/nope?\(modern)&identifier=async-1",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(response.status == .notFound)
                 try #expect(errorCode(response) == "ExecutionNotFound")
             }
@@ -107,14 +115,24 @@ struct ModernDataPlaneTests {
                 (#"{"code":"1","outputStreamsMaxLength":0}"#, "InvalidRequestBody"),
                 (#"{"code":"1","returnJupyterFormatExecutionResult":"maybe"}"#, "InvalidRequestBody"),
             ] {
-                try await client.execute(uri: "/pools/python/executions?\(modern)&identifier=bad-1", method: .post, headers: auth, body: ByteBuffer(string: body)) { response in
+                try await client.execute(
+                    uri: "/pools/python/executions?\(modern)&identifier=bad-1",
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: body)
+                ) { response in
                     #expect(response.status == .badRequest, "\(body)")
                     try #expect(errorCode(response) == code, "\(body)")
                 }
             }
             var headers = auth
             headers[HTTPField.Name("operation-id")!] = "has/slash"
-            try await client.execute(uri: "/pools/python/executions?\(modern)&identifier=bad-1", method: .post, headers: headers, body: ByteBuffer(string: #"{"code":"1"}"#)) {
+            try await client.execute(
+                uri: "/pools/python/executions?\(modern)&identifier=bad-1",
+                method: .post,
+                headers: headers,
+                body: ByteBuffer(string: #"{"code":"1"}"#)
+            ) {
                 #expect($0.status == .badRequest)
             }
         }
@@ -138,22 +156,42 @@ struct ModernDataPlaneTests {
                 #expect(file["directory"] as? String == "docs")
                 #expect(file["lastModifiedAt"] is String)
             }
-            try await client.execute(uri: "/pools/python/files?\(modern)&identifier=mfiles&recursive=true", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/files?\(modern)&identifier=mfiles&recursive=true",
+                method: .get,
+                headers: auth
+            ) { response in
                 let body = try json(response.body)
                 #expect(body.keys.contains("nextLink"))
                 let names = (body["value"] as? [[String: Any]])?.compactMap { $0["name"] as? String }
                 #expect(names == ["notes.yaml"])
             }
-            try await client.execute(uri: "/pools/python/files/notes.yaml/content?\(modern)&identifier=mfiles&path=docs", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/files/notes.yaml/content?\(modern)&identifier=mfiles&path=docs",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(String(buffer: response.body) == "a: 1\n")
             }
-            try await client.execute(uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs",
+                method: .get,
+                headers: auth
+            ) { response in
                 try #expect(json(response.body)["sizeInBytes"] as? Int == 5)
             }
-            try await client.execute(uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs", method: .delete, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs",
+                method: .delete,
+                headers: auth
+            ) {
                 #expect($0.status == .noContent)
             }
-            try await client.execute(uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs", method: .delete, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/files/notes.yaml?\(modern)&identifier=mfiles&path=docs",
+                method: .delete,
+                headers: auth
+            ) {
                 #expect($0.status == .notFound)
             }
         }
@@ -164,38 +202,75 @@ struct ModernDataPlaneTests {
         let harness = Harness()
         let backend = harness.backend
         try await harness.test { client in
-            try await client.execute(uri: "/pools/python/session?\(modern)&identifier=sess-1", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/session?\(modern)&identifier=sess-1",
+                method: .get,
+                headers: auth
+            ) { response in
                 #expect(response.status == .notFound)
                 try #expect(errorCode(response) == "SessionNotFound")
             }
-            try await client.execute(uri: "/pools/python/executions?\(modern)&identifier=sess-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"1"}"#)) {
+            try await client.execute(
+                uri: "/pools/python/executions?\(modern)&identifier=sess-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"code":"1"}"#)
+            ) {
                 #expect($0.status == .ok)
             }
-            try await client.execute(uri: "/pools/python/session?\(modern)&identifier=sess-1", method: .get, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/session?\(modern)&identifier=sess-1",
+                method: .get,
+                headers: auth
+            ) { response in
                 let body = try json(response.body)
                 #expect(body["identifier"] as? String == "sess-1")
-                for key in ["createdAt", "lastAccessedAt", "expireAt", "etag"] { #expect(body[key] is String, "\(key)") }
+                for key in ["createdAt", "lastAccessedAt", "expireAt", "etag"] {
+                    #expect(body[key] is String, "\(key)")
+                }
             }
-            try await client.execute(uri: "/pools/python/listSessions?\(modern)", method: .get, headers: auth) { response in
+            try await client.execute(uri: "/pools/python/listSessions?\(modern)", method: .get, headers: auth) {
+                response in
                 let sessions = try #require(try json(response.body)["sessions"] as? [[String: Any]])
                 #expect(sessions.map { $0["identifier"] as? String } == ["sess-1"])
             }
-            try await client.execute(uri: "/pools/python/session?\(modern)&identifier=sess-1", method: .delete, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/session?\(modern)&identifier=sess-1",
+                method: .delete,
+                headers: auth
+            ) {
                 #expect($0.status == .noContent)
             }
             #expect(backend.counters.destroyed == 1)
-            try await client.execute(uri: "/pools/python/session?\(modern)&identifier=sess-1", method: .delete, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/session?\(modern)&identifier=sess-1",
+                method: .delete,
+                headers: auth
+            ) {
                 #expect($0.status == .noContent, "deleting twice is fine")
             }
-            try await client.execute(uri: "/pools/python/executions?\(modern)&identifier=sess-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"code":"1"}"#)) {
+            try await client.execute(
+                uri: "/pools/python/executions?\(modern)&identifier=sess-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"code":"1"}"#)
+            ) {
                 #expect($0.status == .ok)
             }
             #expect(backend.counters.launched == 2, "a fresh sandbox after the delete")
-            try await client.execute(uri: "/pools/python/.management/stopSession?\(modern)&identifier=sess-1", method: .post, headers: auth) { response in
+            try await client.execute(
+                uri: "/pools/python/.management/stopSession?\(modern)&identifier=sess-1",
+                method: .post,
+                headers: auth
+            ) { response in
                 #expect(response.status == .ok)
                 #expect(String(buffer: response.body) == #""Session sess-1 in session pool python stopped.""#)
             }
-            try await client.execute(uri: "/pools/python/.management/stopSession?\(modern)&identifier=sess-1", method: .post, headers: auth) {
+            try await client.execute(
+                uri: "/pools/python/.management/stopSession?\(modern)&identifier=sess-1",
+                method: .post,
+                headers: auth
+            ) {
                 #expect($0.status == .notFound)
             }
         }
@@ -228,11 +303,21 @@ struct ShellPoolAPITests {
     func exitCodeStatus() async throws {
         let harness = Self.harness()
         try await harness.test { client in
-            try await client.execute(uri: "/pools/bash/code/execute?identifier=sh-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"properties":{"code":"exit:2"}}"#)) { response in
+            try await client.execute(
+                uri: "/pools/bash/code/execute?identifier=sh-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"properties":{"code":"exit:2"}}"#)
+            ) { response in
                 let properties = try #require(try json(response.body)["properties"] as? [String: Any])
                 #expect(properties["status"] as? String == "2")
             }
-            try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-1", method: .post, headers: auth, body: ByteBuffer(string: #"{"shellCommand":"exit:0","stdin":"in"}"#)) { response in
+            try await client.execute(
+                uri: "/pools/bash/executions?\(modern)&identifier=sh-1",
+                method: .post,
+                headers: auth,
+                body: ByteBuffer(string: #"{"shellCommand":"exit:0","stdin":"in"}"#)
+            ) { response in
                 let body = try json(response.body)
                 #expect(body["status"] as? String == "0")
                 #expect((body["result"] as? [String: Any])?["stdout"] as? String == "in")
@@ -245,8 +330,15 @@ struct ShellPoolAPITests {
         let harness = Self.harness()
         let backend = harness.backend
         try await harness.test { client in
-            for body in [#"{"execCommandAndArgs":["echo","it's","a b","$HOME"]}"#, #"{"command":["echo","it's","a b","$HOME"]}"#] {
-                try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-2", method: .post, headers: auth, body: ByteBuffer(string: body)) {
+            for body in [
+                #"{"execCommandAndArgs":["echo","it's","a b","$HOME"]}"#, #"{"command":["echo","it's","a b","$HOME"]}"#,
+            ] {
+                try await client.execute(
+                    uri: "/pools/bash/executions?\(modern)&identifier=sh-2",
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: body)
+                ) {
                     #expect($0.status == .ok)
                 }
                 let code = backend.sandboxes.withLock { $0.first?.executions.withLock { $0.last?.code } }
@@ -259,7 +351,12 @@ struct ShellPoolAPITests {
                 (#"{"execCommandAndArgs":[1,2]}"#, "InvalidRequestBody"),
                 (#"{"execCommandAndArgs":[]}"#, "InvalidRequestBody"),
             ] {
-                try await client.execute(uri: "/pools/bash/executions?\(modern)&identifier=sh-2", method: .post, headers: auth, body: ByteBuffer(string: body)) { response in
+                try await client.execute(
+                    uri: "/pools/bash/executions?\(modern)&identifier=sh-2",
+                    method: .post,
+                    headers: auth,
+                    body: ByteBuffer(string: body)
+                ) { response in
                     #expect(response.status == .badRequest, "\(body)")
                     try #expect(errorCode(response) == code, "\(body)")
                 }

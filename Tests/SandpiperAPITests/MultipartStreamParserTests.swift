@@ -33,8 +33,14 @@ struct MultipartStreamParserTests {
     func chunking() throws {
         var payload: [UInt8] = Array("\r\n--not-the-boundary\r\n-\r\r\n".utf8)
         for value in 0..<600 { payload.append(UInt8(value % 256)) }
-        let body = Array("preamble\r\n--b0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n\r\n".utf8)
-            + payload + Array("\r\n--b0und\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--b0und--\r\nepilogue".utf8)
+        let body =
+            Array(
+                "preamble\r\n--b0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n\r\n".utf8
+            )
+            + payload
+            + Array(
+                "\r\n--b0und\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--b0und--\r\nepilogue".utf8
+            )
         for size in [1, 2, 3, 7, 64, 1000, body.count] {
             let (headers, bodies, complete) = try parse(body, boundary: "b0und", chunk: size)
             #expect(complete, "chunk \(size)")
@@ -59,7 +65,10 @@ struct MultipartStreamParserTests {
 
     @Test("UTF-8 file names in header values are kept")
     func utf8Values() throws {
-        let body = Array("--q\r\nContent-Disposition: form-data; name=\"file\"; filename=\"naïve 日本.txt\"\r\n\r\nok\r\n--q--\r\n".utf8)
+        let body = Array(
+            "--q\r\nContent-Disposition: form-data; name=\"file\"; filename=\"naïve 日本.txt\"\r\n\r\nok\r\n--q--\r\n"
+                .utf8
+        )
         let (headers, bodies, _) = try parse(body, boundary: "q", chunk: 5)
         #expect(headers.first?.first?.1.contains("naïve 日本.txt") == true)
         #expect(bodies == [Array("ok".utf8)])

@@ -5,14 +5,19 @@ import Testing
 struct SessionIdentifierTests {
     @Test("Accepts 4 to 128 printable ASCII characters, symbols included")
     func accepts() throws {
-        for raw in ["abcd", "a+b|c{}[]<>;&^%$#()", String(repeating: "x", count: 128), "6f1c7c8e-uuid-like", "a/b:c\"d'e"] {
+        for raw in [
+            "abcd", "a+b|c{}[]<>;&^%$#()", String(repeating: "x", count: 128), "6f1c7c8e-uuid-like", "a/b:c\"d'e",
+        ] {
             #expect(try SessionIdentifier(validating: raw).value == raw)
         }
     }
 
     @Test("Refuses missing, short, long, spaces, backslashes, control and non-ASCII characters")
     func refuses() {
-        let bad: [String?] = [nil, "", "abc", String(repeating: "x", count: 129), "has space", "back\\slash", "nul\0byte", "tab\tx", "héllo", "日本語です"]
+        let bad: [String?] = [
+            nil, "", "abc", String(repeating: "x", count: 129), "has space", "back\\slash", "nul\0byte", "tab\tx",
+            "héllo", "日本語です",
+        ]
         for raw in bad {
             #expect(throws: SandpiperError.self) { try SessionIdentifier(validating: raw) }
             do {

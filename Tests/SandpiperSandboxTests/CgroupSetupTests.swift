@@ -35,7 +35,10 @@ struct CgroupSetupTests {
 
     @Test("Unified host: one v2 base under the server's own cgroup")
     func detectsV2() throws {
-        let setup = try CgroupSetup.detect(mountinfo: unifiedMountinfo, selfCgroup: "0::/system.slice/sandpiper.service\n")
+        let setup = try CgroupSetup.detect(
+            mountinfo: unifiedMountinfo,
+            selfCgroup: "0::/system.slice/sandpiper.service\n"
+        )
         #expect(setup.version == .v2)
         #expect(setup.bases["unified"] == "/sys/fs/cgroup/system.slice/sandpiper.service/sandpiper")
     }
@@ -63,9 +66,14 @@ struct CgroupSetupTests {
             )
             try setup.prepare()
             let base = root + "/sys/fs/cgroup/system.slice/sandpiper.service/sandpiper"
-            #expect(try String(contentsOfFile: base + "/cgroup.subtree_control", encoding: .utf8) == "+memory +cpu +pids")
             #expect(
-                try String(contentsOfFile: root + "/sys/fs/cgroup/system.slice/sandpiper.service/cgroup.subtree_control", encoding: .utf8)
+                try String(contentsOfFile: base + "/cgroup.subtree_control", encoding: .utf8) == "+memory +cpu +pids"
+            )
+            #expect(
+                try String(
+                    contentsOfFile: root + "/sys/fs/cgroup/system.slice/sandpiper.service/cgroup.subtree_control",
+                    encoding: .utf8
+                )
                     == "+memory +cpu +pids"
             )
             let limits = SessionLimits(memoryBytes: 512 << 20, cpus: 0.5, pids: 64)
@@ -80,7 +88,9 @@ struct CgroupSetupTests {
             #expect(setup.leftoverSandboxIDs() == ["sbx1"])
             setup.killAndRemove(sandboxID: "sbx1")
             #expect(!FileManager.default.fileExists(atPath: base + "/sbx1"))
-            #expect(try String(contentsOfFile: base + "/cgroup.subtree_control", encoding: .utf8) == "+memory +cpu +pids")
+            #expect(
+                try String(contentsOfFile: base + "/cgroup.subtree_control", encoding: .utf8) == "+memory +cpu +pids"
+            )
         }
     }
 
@@ -93,12 +103,22 @@ struct CgroupSetupTests {
             try FileManager.default.createDirectory(atPath: memory, withIntermediateDirectories: true)
             // Swap accounting is on when the memsw file exists: it must get the same limit.
             FileManager.default.createFile(atPath: memory + "/memory.memsw.limit_in_bytes", contents: nil)
-            let procs = try setup.create(sandboxID: "s2", limits: SessionLimits(memoryBytes: 1 << 30, cpus: 1.5, pids: 100))
+            let procs = try setup.create(
+                sandboxID: "s2",
+                limits: SessionLimits(memoryBytes: 1 << 30, cpus: 1.5, pids: 100)
+            )
             #expect(procs.count == 3)
             #expect(try String(contentsOfFile: memory + "/memory.limit_in_bytes", encoding: .utf8) == "1073741824")
-            #expect(try String(contentsOfFile: memory + "/memory.memsw.limit_in_bytes", encoding: .utf8) == "1073741824")
-            #expect(try String(contentsOfFile: root + "/sys/fs/cgroup/cpu/sandpiper/s2/cpu.cfs_quota_us", encoding: .utf8) == "150000")
-            #expect(try String(contentsOfFile: root + "/sys/fs/cgroup/pids/sandpiper/s2/pids.max", encoding: .utf8) == "100")
+            #expect(
+                try String(contentsOfFile: memory + "/memory.memsw.limit_in_bytes", encoding: .utf8) == "1073741824"
+            )
+            #expect(
+                try String(contentsOfFile: root + "/sys/fs/cgroup/cpu/sandpiper/s2/cpu.cfs_quota_us", encoding: .utf8)
+                    == "150000"
+            )
+            #expect(
+                try String(contentsOfFile: root + "/sys/fs/cgroup/pids/sandpiper/s2/pids.max", encoding: .utf8) == "100"
+            )
             setup.remove(sandboxID: "s2")
             #expect(setup.leftoverSandboxIDs().isEmpty)
         }

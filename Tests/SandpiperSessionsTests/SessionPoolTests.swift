@@ -27,7 +27,12 @@ func makePool(
         maxConcurrentSessions: max,
         cooldownPeriodInSeconds: cooldown
     )
-    return SessionPool(configuration: configuration, backend: backend, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }), now: clock.now)
+    return SessionPool(
+        configuration: configuration,
+        backend: backend,
+        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }),
+        now: clock.now
+    )
 }
 
 func id(_ raw: String) throws -> SessionIdentifier { try SessionIdentifier(validating: raw) }
@@ -120,7 +125,9 @@ struct SessionPoolTests {
         let clock = ManualClock()
         let pool = makePool(ready: 0, cooldown: 1, clock: clock)
         let session = try await pool.session(for: id("busy"))
-        let running = Task { try await session.execute(ExecutionRequest(code: "sleep:0.3", timeoutSeconds: 5, outputLimit: 10)) }
+        let running = Task {
+            try await session.execute(ExecutionRequest(code: "sleep:0.3", timeoutSeconds: 5, outputLimit: 10))
+        }
         try await Task.sleep(for: .milliseconds(50))
         clock.advance(seconds: 100)
         #expect(await pool.reapExpired().isEmpty)
@@ -136,7 +143,11 @@ struct SessionPoolTests {
         let start = ContinuousClock.now
         try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<3 {
-                group.addTask { _ = try await session.execute(ExecutionRequest(code: "sleep:0.1", timeoutSeconds: 5, outputLimit: 10)) }
+                group.addTask {
+                    _ = try await session.execute(
+                        ExecutionRequest(code: "sleep:0.1", timeoutSeconds: 5, outputLimit: 10)
+                    )
+                }
             }
             try await group.waitForAll()
         }
@@ -213,7 +224,10 @@ struct SessionPoolTests {
         let backend = FakeBackend()
         let pool = makePool(ready: 2, max: 10, backend: backend)
         let loop = Task { await pool.runRefiller() }
-        defer { loop.cancel(); pool.stopRefilling() }
+        defer {
+            loop.cancel()
+            pool.stopRefilling()
+        }
         for attempt in 0..<100 where await pool.readyCount < 2 {
             _ = attempt
             try await Task.sleep(for: .milliseconds(10))
