@@ -95,7 +95,7 @@ public actor SessionPool {
 
     private func allocate(_ identifier: SessionIdentifier) async throws -> Session {
         let sandbox: any Sandbox
-        if let warm = takeReady() {
+        if let warm = await takeReady() {
             sandbox = warm
         } else {
             logger.info("no ready sandbox; starting one on the request path")
@@ -108,12 +108,13 @@ public actor SessionPool {
         return session
     }
 
-    private func takeReady() -> (any Sandbox)? {
+    /// The first live ready sandbox; dead ones met on the way are torn down here.
+    private func takeReady() async -> (any Sandbox)? {
         while !ready.isEmpty {
             let candidate = ready.removeFirst()
             if candidate.isAlive { return candidate }
             logger.warning("a ready sandbox died while waiting", metadata: ["sandbox": "\(candidate.id)"])
-            Task { await candidate.destroy() }  // detached teardown of an already-dead sandbox
+            await candidate.destroy()
         }
         return nil
     }

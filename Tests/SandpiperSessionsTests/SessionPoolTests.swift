@@ -63,6 +63,19 @@ struct SessionPoolTests {
         #expect(again.sandbox.id == session.sandbox.id)
     }
 
+    @Test("A ready sandbox that died while waiting is torn down and skipped")
+    func deadReadySkipped() async throws {
+        let backend = FakeBackend()
+        let pool = makePool(ready: 2, backend: backend)
+        _ = await pool.refillOnce()
+        let dead = try #require(backend.sandboxes.withLock { $0.first })
+        dead.kill()
+        let session = try await pool.session(for: id("skip-dead"))
+        #expect(session.sandbox.id != dead.id)
+        #expect(dead.isDestroyed)
+        #expect(backend.counters.launched == 2)
+    }
+
     @Test("With no ready sandbox a session is launched on demand")
     func launchesOnDemand() async throws {
         let backend = FakeBackend()
