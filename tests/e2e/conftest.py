@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import SANDBOX_UIDS, TINY_COOLDOWN, Api, Server
+from e2e_helpers import SANDBOX_UIDS, TINY_COOLDOWN, Api, Server, mounts_under, sandpiper_binary, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
 API_KEY = "e2e-" + uuid.uuid4().hex  # >= 16 characters
 # Not the default 230000: other Sandpiper servers on this machine (a developer's, another run)
 # hand out 230000 and up, and two servers must not share sandbox uids. Still in 230000-239999.
@@ -82,24 +81,6 @@ def under_another_server(pid):
     return False
 
 
-def mounts_under(directory):
-    with open("/proc/self/mountinfo") as f:
-        return [line for line in f if (" " + str(directory) + "/") in line or (" " + str(directory) + " ") in line]
-
-
-def _wait_for_port(port_file, proc, log_path, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("sandpiper exited with %s before listening:\n%s" % (proc.returncode, Path(log_path).read_text()))
-        try:
-            text = Path(port_file).read_text().strip()
-            if text:
-                return int(text)
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    pytest.fail("sandpiper did not write its port file within %d s:\n%s" % (timeout, Path(log_path).read_text()))
 
 
 def _wait_for_warm_pools(server, want, timeout):
@@ -117,16 +98,7 @@ def _wait_for_warm_pools(server, want, timeout):
 
 @pytest.fixture(scope="session")
 def server():
-    binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
-    # The lead rebuilds from time to time: give a briefly missing binary a moment.
-    for _ in range(60):
-        if os.path.exists(binary):
-            break
-        time.sleep(1)
-    if not os.path.exists(binary):
-        pytest.fail("sandpiper binary not found at %s (set SANDPIPER_BIN)" % binary)
-    if os.geteuid() != 0:
-        pytest.skip("the e2e tests run the server as root")
+    binary = sandpiper_binary()
 
     preexisting = set(sandbox_pids())  # another server on this machine is not ours to judge
     tmp = tempfile.mkdtemp(prefix="sandpiper-e2e-")
@@ -150,7 +122,7 @@ def server():
     )
     srv = None
     try:
-        port = _wait_for_port(port_file, proc, log_path, timeout=120)
+        port = wait_for_port(port_file, proc, log_path, timeout=120)
         srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
         assert API_KEY in srv.log(), "the server does not print its API key"
         _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=60)

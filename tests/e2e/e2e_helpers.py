@@ -1,14 +1,56 @@
 """Helpers shared by the e2e tests (imported by conftest.py and the test modules)."""
 
+import os
+import time
 import uuid
 from pathlib import Path
 
+import pytest
 import requests
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
 
 API_VERSION = "2024-02-02-preview"
 SANDBOX_UIDS = range(230000, 240000)
 TINY_COOLDOWN = 3
 TINY_UPLOAD_LIMIT = 1 << 20  # "1Mi"
+
+
+def sandpiper_binary():
+    """The server binary (SANDPIPER_BIN or the debug build); skips unless root, as the server needs."""
+    binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
+    for _ in range(60):  # a rebuild may briefly remove it
+        if os.path.exists(binary):
+            break
+        time.sleep(1)
+    if not os.path.exists(binary):
+        pytest.fail("sandpiper binary not found at %s (set SANDPIPER_BIN)" % binary)
+    if os.geteuid() != 0:
+        pytest.skip("the e2e tests run the server as root")
+    return binary
+
+
+def wait_for_port(port_file, proc, log_path, timeout):
+    """The port the server wrote to --port-file; fails with its log if it exits or never listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("sandpiper exited with %s before listening:\n%s" % (proc.returncode, Path(log_path).read_text()))
+        try:
+            text = Path(port_file).read_text().strip()
+            if text:
+                return int(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    pytest.fail("sandpiper did not write its port file within %d s:\n%s" % (timeout, Path(log_path).read_text()))
+
+
+def mounts_under(directory):
+    """Lines of /proc/self/mountinfo for mounts at or below `directory`."""
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if (" %s/" % directory) in line or (" %s " % directory) in line]
 
 
 class Server:

@@ -49,6 +49,7 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+from e2e_helpers import mounts_under, sandpiper_binary, wait_for_port
 
 
 def require_module(name):
@@ -61,7 +62,6 @@ def require_module(name):
     return pytest.importorskip(name)
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
 # Other servers on this machine use 230000 (make run), 237000 (conftest) and 238000 (bench);
 # two servers must never share sandbox uids.
 UID_BASE = 236000
@@ -108,25 +108,6 @@ def decode_png(data):
     return width, height
 
 
-def _wait_for_port(port_file, proc, log_path, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("sandpiper exited with %s before listening:\n%s" % (proc.returncode, Path(log_path).read_text()))
-        try:
-            text = Path(port_file).read_text().strip()
-            if text:
-                return int(text)
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    pytest.fail("sandpiper did not write its port file within %d s:\n%s" % (timeout, Path(log_path).read_text()))
-
-
-def _mounts_under(directory):
-    with open("/proc/self/mountinfo") as f:
-        return [line for line in f if (" %s/" % directory) in line or (" %s " % directory) in line]
-
 
 # --------------------------------------------------------------------------------------------
 # the server
@@ -134,15 +115,7 @@ def _mounts_under(directory):
 
 @pytest.fixture(scope="module")
 def srv():
-    binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
-    for _ in range(60):  # the lead rebuilds from time to time
-        if os.path.exists(binary):
-            break
-        time.sleep(1)
-    if not os.path.exists(binary):
-        pytest.fail("sandpiper binary not found at %s (set SANDPIPER_BIN)" % binary)
-    if os.geteuid() != 0:
-        pytest.skip("the e2e tests run the server as root")
+    binary = sandpiper_binary()
 
     tmp = tempfile.mkdtemp(prefix="sandpiper-clients-")
     os.chmod(tmp, 0o711)  # the sandbox uids traverse it to their bind-mounted data
@@ -167,7 +140,7 @@ def srv():
         env=dict(os.environ, SANDPIPER_API_KEY=api_key),
     )
     try:
-        port = _wait_for_port(port_file, proc, log_path, timeout=120)
+        port = wait_for_port(port_file, proc, log_path, timeout=120)
         base = "https://127.0.0.1:%d" % port
         assert ("https://127.0.0.1:%d" % port) in Path(log_path).read_text(errors="replace")
         # Optional: let the initial fill (4 sandboxes) finish, so the first tests do not pay it.
@@ -194,7 +167,7 @@ def srv():
             rc = None
         log.close()
         text = Path(log_path).read_text(errors="replace")
-        leftover = _mounts_under(data_dir)
+        leftover = mounts_under(data_dir)
         if not leftover:
             shutil.rmtree(tmp, ignore_errors=True)
         assert rc == 0, "sandpiper exited with %s after SIGTERM:\n%s" % (rc, text[-5000:])

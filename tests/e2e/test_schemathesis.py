@@ -42,12 +42,12 @@ from urllib.parse import quote
 
 import pytest
 import requests
+from e2e_helpers import sandpiper_binary
 
 from e2e_helpers import Server
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO / "Sources" / "SandpiperAPI" / "Resources" / "openapi.json"
-DEFAULT_BIN = REPO / ".build" / "debug" / "sandpiper"
 API_KEY = "st-" + uuid.uuid4().hex
 POOL = {
     "name": "python",
@@ -197,15 +197,7 @@ class StServer:
 
 @pytest.fixture(scope="module")
 def st_server():
-    binary = os.environ.get("SANDPIPER_BIN") or str(DEFAULT_BIN)
-    for _ in range(60):  # the lead rebuilds from time to time
-        if os.path.exists(binary):
-            break
-        time.sleep(1)
-    if not os.path.exists(binary):
-        pytest.fail("sandpiper binary not found at %s (set SANDPIPER_BIN)" % binary)
-    if os.geteuid() != 0:
-        pytest.skip("the e2e tests run the server as root")
+    binary = sandpiper_binary()
 
     tmp = tempfile.mkdtemp(prefix="sandpiper-st-")
     os.chmod(tmp, 0o711)  # sandbox uids traverse it to reach their bind-mounted data
