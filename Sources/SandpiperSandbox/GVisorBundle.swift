@@ -96,7 +96,8 @@ enum GVisorBundle {
                     "permitted": .array([]), "ambient": .array([]),
                 ]),
                 "rlimits": .array([
-                    .object(["type": .string("RLIMIT_NOFILE"), "hard": .integer(4096), "soft": .integer(4096)])
+                    .object(["type": .string("RLIMIT_NOFILE"), "hard": .integer(4096), "soft": .integer(4096)]),
+                    .object(["type": .string("RLIMIT_CORE"), "hard": .integer(0), "soft": .integer(0)]),
                 ]),
             ]),
             "mounts": .array(mounts),

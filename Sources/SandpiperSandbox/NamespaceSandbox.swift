@@ -129,7 +129,13 @@ final class NamespaceSandbox: Sandbox {
             }
             // The shell joins the cgroups before anything else runs; the launcher it execs does all
             // isolation before the agent starts.
-            let script = SlirpNetwork.joinCgroupsScript
+            // A namespace sandbox gets its own descriptor cap (the server raises its own for
+            // connections) and no core dumps: a crashing guest must not write one through the
+            // host's handler. (gVisor: the same rlimits are in the OCI config; runsc needs more.)
+            let script =
+                spec.pool.isolation == .namespaces
+                ? "ulimit -n 4096 && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
+                : SlirpNetwork.joinCgroupsScript
             let launcher: [String]
             switch spec.pool.isolation {
             case .namespaces:

@@ -71,6 +71,7 @@ struct Serve: AsyncParsableCommand {
     func serve(_ settings: ServerConfiguration, logger: Logger) async throws {
         try FileManager.default.createDirectory(atPath: settings.dataDirectory, withIntermediateDirectories: true)
         chmod(settings.dataDirectory, 0o711)
+        FileDescriptorLimit.raise(toServe: settings.http.maxConnections, logger: logger)
         let apiKey = try settings.apiKey ?? APIKeyFile.loadOrCreate(in: settings.dataDirectory)
         let store = try SQLiteStore(path: settings.dataDirectory + "/sandpiper.sqlite")
         let backend = try NamespaceBackend(
@@ -91,7 +92,19 @@ struct Serve: AsyncParsableCommand {
         let host = settings.host
         let portFile = portFile
         let poolNames = settings.pools.map(\.name)
-        let http1 = HTTPServerBuilder.http1(configuration: .init(idleTimeout: .seconds(75)))
+        let limits = settings.http
+        let connections = ClientConnectionRegistry(logger: logger)
+        let http1 = HTTPServerBuilder.http1(
+            configuration: .init(
+                additionalChannelHandlers: limits.channelHandlers(registry: connections),
+                idleTimeout: .seconds(75),
+                httpDecoderConfiguration: .init(
+                    maxHeaderFieldSize: limits.maxHeaderBytes,
+                    maxHeaderListSize: limits.maxHeaderBytes,
+                    maxHeaderFieldCount: limits.maxHeaderCount
+                )
+            )
+        )
         let server =
             try settings.tlsCertificate.map { _ in
                 try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings))
@@ -100,7 +113,11 @@ struct Serve: AsyncParsableCommand {
         let app = Application(
             router: router,
             server: server,
-            configuration: .init(address: .hostname(host, port: settings.port), serverName: "Sandpiper"),
+            configuration: .init(
+                address: .hostname(host, port: settings.port),
+                serverName: "Sandpiper",
+                availableConnectionsDelegate: MaximumAvailableConnections(limits.maxConnections, logger: logger)
+            ),
             services: [sessions],
             onServerRunning: { channel in
                 let port = channel.localAddress?.port ?? settings.port
@@ -157,5 +174,25 @@ enum APIKeyFile {
         let line = Array((key + "\n").utf8)
         _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         return key
+    }
+}
+
+/// Connections and sandboxes both hold descriptors: take the whole hard limit, and say so when
+/// it is too small for the connection cap (sandboxes inherit nothing of it: they get their own).
+enum FileDescriptorLimit {
+    static func raise(toServe connections: Int, logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        let wanted = rlim_t(connections) * 2 + 1024
+        if limit.rlim_cur < wanted {
+            logger.warning(
+                "the open-file limit is low for server.maxConnections",
+                metadata: ["nofile": "\(limit.rlim_cur)", "maxConnections": "\(connections)", "wanted": "\(wanted)"]
+            )
+        }
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import SandpiperAPI
 import SandpiperCore
 
 #if canImport(Glibc)
@@ -24,6 +25,8 @@ struct ServerConfiguration: Sendable {
     var tlsCertificate: String?
     var tlsKey: String?
     var pools: [PoolConfiguration] = [PoolConfiguration(name: "python")]
+    /// Timeouts and connection caps against slow or hostile HTTP clients.
+    var http = HTTPLimits()
 
     static var defaultDataDirectory: String {
         if geteuid() == 0 { return "/var/lib/sandpiper" }
@@ -62,6 +65,7 @@ struct ServerConfiguration: Sendable {
             }
             tlsCertificate = try server.string("tlsCertificate") ?? tlsCertificate
             tlsKey = try server.string("tlsKey") ?? tlsKey
+            try Self.httpLimits(&server, into: &http)
             try server.finish()
         }
         if let runtimes = try reader.object("runtimes") {
@@ -81,6 +85,32 @@ struct ServerConfiguration: Sendable {
             }
         }
         try reader.finish()
+    }
+
+    static func httpLimits(_ server: inout ConfigObject, into limits: inout HTTPLimits) throws {
+        func seconds(_ key: String) throws -> Duration? {
+            guard let value = try server.double(key) else { return nil }
+            guard value > 0, value <= 3600 else {
+                throw SandpiperError.invalid("config: server.\(key) must be between 0 and 3600 seconds")
+            }
+            return .milliseconds(Int64(value * 1000))
+        }
+        func count(_ key: String, _ range: ClosedRange<Int>) throws -> Int? {
+            guard let value = try server.integer(key) else { return nil }
+            guard range.contains(value) else {
+                throw SandpiperError.invalid(
+                    "config: server.\(key) must be between \(range.lowerBound) and \(range.upperBound)"
+                )
+            }
+            return value
+        }
+        limits.requestHeadTimeout = try seconds("requestHeadTimeoutSeconds") ?? limits.requestHeadTimeout
+        limits.requestBodyTimeout = try seconds("requestBodyTimeoutSeconds") ?? limits.requestBodyTimeout
+        limits.maxConnections = try count("maxConnections", 1...1_000_000) ?? limits.maxConnections
+        limits.maxConnectionsPerClient =
+            try count("maxConnectionsPerClient", 1...1_000_000) ?? limits.maxConnectionsPerClient
+        limits.maxHeaderBytes = try count("maxHeaderBytes", 1024...1_048_576) ?? limits.maxHeaderBytes
+        limits.maxHeaderCount = try count("maxHeaderCount", 8...10_000) ?? limits.maxHeaderCount
     }
 
     static func pool(_ reader: inout ConfigObject) throws -> PoolConfiguration {
