@@ -1,0 +1,166 @@
+"""Leak test: many session lifecycles must leave the server exactly where it started.
+
+One lifecycle = a new identifier on a Shell pool -> one execution that writes a file in
+/mnt/data and leaves background processes behind (one double-forked out of bash's job control)
+-> the session ended (DELETE session, or `.management/stopSession`, alternately). Every tenth
+lifecycle also uploads and lists a file. Shell sandboxes start in well under 100 ms, so the
+1,000 lifecycles run in about a minute on 2 cores.
+
+After a warm-up (WARMUP lifecycles, then the ready pool full again) the baseline is taken; after
+the run (pool full again) every count must be back: sandbox-uid processes, mounts under the data
+directory, sandbox cgroups, session directories, sqlite sandbox rows; the server's open fds
+within FD_SLACK and its VmRSS within RSS_SLACK_MIB.
+
+SANDPIPER_LEAK_LIFECYCLES sets the count (default 1000; `make soak` runs 10,000) and
+SANDPIPER_LEAK_THREADS the client threads (default 3).
+"""
+
+import itertools
+import os
+import threading
+import time
+import uuid
+
+import requests
+
+import rel_helpers as rh
+
+LIFECYCLES = int(os.environ.get("SANDPIPER_LEAK_LIFECYCLES", "1000"))
+THREADS = int(os.environ.get("SANDPIPER_LEAK_THREADS", "3"))
+WARMUP = 20
+READY = 4
+FD_SLACK = 8
+RSS_SLACK_MIB = 30
+POOL = "shell"
+POOLS = [{"name": POOL, "type": "Shell", "readySessionInstances": READY, "maxConcurrentSessions": 16,
+          "cooldownPeriodInSeconds": 600}]
+# Exact: every one of these must come back to its baseline.
+EXACT = ["sandbox processes", "mounts under data dir", "sandbox cgroups", "session dirs", "sqlite sandbox rows"]
+
+
+def lifecycle(srv, http, n):
+    """One session from first call to its end; returns a list of problems (empty when fine)."""
+    ident = "leak-%d-%s" % (n, uuid.uuid4().hex[:12])
+    command = (
+        "echo payload-%d > /mnt/data/f-%d.txt && (sleep 600 >/dev/null 2>&1 &) ; "
+        "sleep 600 >/dev/null 2>&1 & cat /mnt/data/f-%d.txt" % (n, n, n)
+    )
+    problems = []
+    if n % 2 == 0:
+        r = srv.shell(POOL, ident, command, http=http)
+        if r.status_code != 200 or r.json().get("status") != "0" or \
+                r.json()["result"]["stdout"] != "payload-%d\n" % n:
+            problems.append("execution %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    else:
+        r = srv.execute(POOL, ident, command, http=http)
+        if r.status_code != 200 or r.json()["properties"]["stdout"] != "payload-%d\n" % n:
+            problems.append("legacy execution %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    if n % 10 == 0:
+        r = srv.upload(POOL, ident, "up-%d.bin" % n, os.urandom(4096), http=http)
+        if r.status_code != 200:
+            problems.append("upload %d -> %s %s" % (n, r.status_code, r.text[:300]))
+        r = http.get(srv.url(POOL, "files", ident), timeout=60)
+        names = {v["properties"]["filename"] for v in r.json().get("value", [])} if r.status_code == 200 else set()
+        if {"f-%d.txt" % n, "up-%d.bin" % n} - names:
+            problems.append("list %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    if n % 2 == 0:
+        r = srv.delete_session(POOL, ident, http=http)
+        if r.status_code != 204:
+            problems.append("DELETE session %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    else:
+        r = srv.stop_session(POOL, ident, http=http)
+        if r.status_code != 200:
+            problems.append("stopSession %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    return problems
+
+
+def run_lifecycles(srv, count, threads, start=0, deadline_s=3600):
+    counter = itertools.count(start)
+    end = start + count
+    problems = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + deadline_s
+
+    def worker():
+        http = requests.Session()
+        http.headers["Authorization"] = "Bearer " + srv.key
+        while time.monotonic() < deadline:
+            with lock:
+                n = next(counter)
+                if n >= end or len(problems) >= 20:
+                    return
+            try:
+                found = lifecycle(srv, http, n)
+            except (requests.RequestException, ValueError, KeyError) as e:
+                found = ["lifecycle %d raised %r" % (n, e)]
+            if found:
+                with lock:
+                    problems.extend(found)
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(deadline_s + 60)
+    assert not any(w.is_alive() for w in workers), "lifecycle workers hung"
+    assert time.monotonic() < deadline, "lifecycles did not finish within %d s" % deadline_s
+    return problems
+
+
+def settled_snapshot(srv, baseline, timeout=30):
+    """The pool full again and the exact counts back (or the last snapshot after `timeout`)."""
+    srv.wait_pool_full(timeout=120)
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.5)
+        snap = rh.snapshot(srv)
+        if all(snap[k] == baseline[k] for k in EXACT) or time.monotonic() > deadline:
+            return snap
+
+
+def table(baseline, after, extra):
+    rows = [("metric", "baseline", "after", "delta")]
+    for key in baseline:
+        b, a = baseline[key], after[key]
+        if key.endswith("KiB"):
+            rows.append((key.replace("KiB", "MiB"), "%.1f" % (b / 1024), "%.1f" % (a / 1024), "%+.1f" % ((a - b) / 1024)))
+        else:
+            rows.append((key, str(b), str(a), "%+d" % (a - b)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines + extra)
+
+
+def test_session_lifecycles_leak_nothing(servers, report):
+    srv = servers(POOLS, uid_offset=0, name="leak").start()
+    problems = run_lifecycles(srv, WARMUP, THREADS)
+    assert not problems, problems
+    srv.wait_pool_full()
+    time.sleep(1.0)
+    baseline = rh.snapshot(srv)
+    assert baseline["sqlite sandbox rows"] == READY, baseline
+    assert baseline["session dirs"] == READY, baseline
+
+    t0 = time.monotonic()
+    problems = run_lifecycles(srv, LIFECYCLES, THREADS, start=WARMUP, deadline_s=max(600, LIFECYCLES * 2))
+    elapsed = time.monotonic() - t0
+    assert not problems, "failed lifecycles (first %d):\n%s\nserver log tail:\n%s" % (
+        len(problems), "\n".join(problems), srv.log_tail())
+    assert srv.alive(), srv.log_tail()
+
+    after = settled_snapshot(srv, baseline)
+    report("leak test: %d Shell session lifecycles, %d client threads" % (LIFECYCLES, THREADS),
+           table(baseline, after, ["%d lifecycles in %.1f s (%.1f/s)" % (LIFECYCLES, elapsed, LIFECYCLES / elapsed)]))
+
+    leaked = {k: (baseline[k], after[k]) for k in EXACT if after[k] != baseline[k]}
+    details = ""
+    if leaked:
+        pids = rh.uid_pids(srv.uids)
+        parents, groups = rh.sandbox_cgroups(srv.data_dir)
+        details = "\nprocesses:\n%s\ncgroups: %s\nsession dirs: %s" % (
+            rh.describe_pids(pids), groups, rh.session_dirs(srv.data_dir))
+    assert not leaked, "not back to baseline after %d lifecycles: %s%s" % (LIFECYCLES, leaked, details)
+    assert after["server open fds"] <= baseline["server open fds"] + FD_SLACK, (baseline, after)
+    growth_mib = (after["server VmRSS KiB"] - baseline["server VmRSS KiB"]) / 1024
+    assert growth_mib <= RSS_SLACK_MIB, "server RSS grew %.1f MiB over %d lifecycles (%s -> %s)" % (
+        growth_mib, LIFECYCLES, baseline["server VmRSS KiB"], after["server VmRSS KiB"])
