@@ -27,7 +27,7 @@ SERVE_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) \
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
-.PHONY: help setup build build-debug run test test-swift test-python bench format lint clean tls-cert
+.PHONY: help setup build build-debug run test test-swift test-python bench format lint clean tls-cert load soak
 
 help:
 	@echo "make setup   - install apt packages, the sandbox Python runtime and the test venv (scripts/setup.sh)"
@@ -35,6 +35,8 @@ help:
 	@echo "make run     - setup + build, then serve (HOST=, PORT=, CONFIG=, DATA_DIR=, TLS=1, ARGS=)"
 	@echo "make test    - setup, swift tests with integration enabled, then the Python tests"
 	@echo "make bench   - setup + release build, then bench/bench.py"
+	@echo "make load    - bench/load.py: 200 sessions across pools for 120 s (release build if built, else debug; ARGS=...)"
+	@echo "make soak    - leak test with SOAK_LIFECYCLES (10000) session lifecycles, then bench/load.py for 600 s"
 	@echo "make format  - swift format the sources in place;  make lint - check formatting"
 	@echo "make clean   - remove build products (not the venvs under /var/lib/sandpiper)"
 
@@ -85,6 +87,22 @@ bench: setup build
 	SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/release/sandpiper \
 	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
 		$(TEST_VENV)/bin/python bench/bench.py $(ARGS)
+
+# Load and soak: the release binary when it is built, else the debug one (no build here).
+LOAD_BIN = $(if $(wildcard .build/release/sandpiper),$(CURDIR)/.build/release/sandpiper,$(CURDIR)/.build/debug/sandpiper)
+SOAK_LIFECYCLES ?= 10000
+
+load:
+	@echo "==> make load: bench/load.py against $(LOAD_BIN)"
+	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
+		$(TEST_VENV)/bin/python bench/load.py $(ARGS)
+
+soak:
+	@echo "==> make soak: $(SOAK_LIFECYCLES) session lifecycles (tests/reliability/test_leaks.py), then bench/load.py --duration 600"
+	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) SANDPIPER_LEAK_LIFECYCLES=$(SOAK_LIFECYCLES) \
+		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) tests/reliability/test_leaks.py
+	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
+		$(TEST_VENV)/bin/python bench/load.py --duration 600 $(ARGS)
 
 format:
 	@echo "==> make format: swift format (in place) Sources Tests"
