@@ -9,6 +9,8 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
+#include <string.h>
+#include <sys/socket.h>
 
 #ifndef NS_GET_USERNS
 #define NS_GET_USERNS 0xb701
@@ -69,4 +71,33 @@ long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeo
         n = read(fd, buffer, count);
     } while (n < 0 && errno == EINTR);
     return n;
+}
+
+long sandpiper_send_with_fds(int sock, const void *buffer, unsigned long length, const int *fds, int count) {
+    if (count < 0 || count > 16) {
+        errno = EINVAL;
+        return -1;
+    }
+    char control[CMSG_SPACE(sizeof(int) * 16)];
+    memset(control, 0, sizeof(control));
+    struct iovec iov = {.iov_base = (void *)buffer, .iov_len = length};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (count > 0) {
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * count);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&msg);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int) * count);
+        memcpy(CMSG_DATA(header), fds, sizeof(int) * count);
+    }
+    long n;
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+int sandpiper_seqpacket_pair(int fds[2]) {
+    return socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds);
 }

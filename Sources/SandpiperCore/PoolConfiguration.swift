@@ -36,6 +36,24 @@ public enum IsolationTier: String, Sendable, Codable, CaseIterable {
     }
 }
 
+/// How a pool starts its sessions.
+public enum LaunchMode: String, Sendable, Codable, CaseIterable {
+    /// A warm template process forks each session (Python pools on the namespace tier without
+    /// egress); other pools, or a host where the template cannot run, use `exec`.
+    case fork
+    /// A fresh sandbox and interpreter per session.
+    case exec
+
+    public init(caseInsensitive raw: String) throws(SandpiperError) {
+        guard let match = Self.allCases.first(where: { $0.rawValue == raw.lowercased() }) else {
+            throw SandpiperError.invalid(
+                "unknown launch '\(raw)'; valid: \(Self.allCases.map(\.rawValue).joined(separator: ", "))"
+            )
+        }
+        self = match
+    }
+}
+
 /// Resource limits applied to every session of a pool.
 public struct SessionLimits: Sendable, Equatable, Codable {
     /// Memory (RSS + tmpfs pages of /tmp) in bytes; the sandbox is OOM-killed above it.
@@ -78,6 +96,8 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var egressEnabled: Bool
     /// The isolation tier the pool's sandboxes run in.
     public var isolation: IsolationTier
+    /// `fork` (the default) or `exec`; see `LaunchMode` and `forks`.
+    public var launch: LaunchMode
     public var limits: SessionLimits
     /// Upper bound for one execution, whatever the caller asks (Azure: 220 s).
     public var maxExecutionSeconds: Int
@@ -94,6 +114,7 @@ public struct PoolConfiguration: Sendable, Equatable {
         cooldownPeriodInSeconds: Int = 300,
         egressEnabled: Bool = false,
         isolation: IsolationTier = .namespaces,
+        launch: LaunchMode = .fork,
         limits: SessionLimits = SessionLimits(),
         maxExecutionSeconds: Int = 220,
         defaultExecutionSeconds: Int = 220,
@@ -106,10 +127,17 @@ public struct PoolConfiguration: Sendable, Equatable {
         self.cooldownPeriodInSeconds = cooldownPeriodInSeconds
         self.egressEnabled = egressEnabled
         self.isolation = isolation
+        self.launch = launch
         self.limits = limits
         self.maxExecutionSeconds = maxExecutionSeconds
         self.defaultExecutionSeconds = defaultExecutionSeconds
         self.maxUploadBytes = maxUploadBytes
+    }
+
+    /// True when sessions are forked from a warm template: asked for, and possible for this pool
+    /// (Python, namespace tier, no egress). Everything else starts a fresh sandbox per session.
+    public var forks: Bool {
+        launch == .fork && type == .pythonLTS && isolation == .namespaces && !egressEnabled
     }
 
     /// Pool names appear in URLs and in cgroup names: keep them boring.

@@ -288,14 +288,71 @@ public final class NamespaceBackend: SandboxBackend {
         _ = usedUIDs.withLock { $0.remove(uid) }
     }
 
+    /// `count` consecutive free uids (a fork template's), returning the first.
+    func allocateUIDBlock(count: UInt32) throws(SandpiperError) -> UInt32 {
+        let range = configuration.uidRange
+        let base: UInt32? = usedUIDs.withLock { used in
+            var start = range.lowerBound
+            while start + count - 1 <= range.upperBound {
+                if let taken = (start..<(start + count)).last(where: { used.contains($0) }) {
+                    start = taken + 1
+                    continue
+                }
+                for uid in start..<(start + count) { used.insert(uid) }
+                return start
+            }
+            return nil
+        }
+        guard let base else {
+            throw SandpiperError(.unavailable, "no \(count) consecutive free sandbox uids left in \(range)")
+        }
+        return base
+    }
+
+    func releaseUIDBlock(base: UInt32, count: UInt32) {
+        usedUIDs.withLock { used in
+            for uid in base..<(base + count) { used.remove(uid) }
+        }
+    }
+
+    /// The warm template of each fork pool (one per distinct pool configuration), made on first use.
+    private let templates = Mutex<[ForkTemplate]>([])
+
+    func template(for pool: PoolConfiguration) -> ForkTemplate {
+        templates.withLock { templates in
+            if let template = templates.first(where: { $0.pool == pool }) { return template }
+            let template = ForkTemplate(pool: pool, backend: self)
+            templates.append(template)
+            return template
+        }
+    }
+
     // MARK: SandboxBackend
 
     public func launch(_ spec: SandboxSpec) async throws -> any Sandbox {
-        try await NamespaceSandbox.launch(spec: spec, backend: self)
+        if spec.pool.forks {
+            let template = template(for: spec.pool)
+            if await template.available {
+                do {
+                    return try await NamespaceSandbox.launchForked(spec: spec, backend: self, template: template)
+                } catch let error as SandpiperError where error.code == "TemplateUnavailable" {
+                    logger.warning(
+                        "fork template unavailable; starting this session with exec",
+                        metadata: ["pool": "\(spec.pool.name)", "error": "\(error.message)"]
+                    )
+                }
+            }
+        }
+        return try await NamespaceSandbox.launch(spec: spec, backend: self)
     }
 
-    /// Removes this server's (now empty) parent cgroups.
+    /// Stops the fork templates and removes this server's (now empty) parent cgroups.
     public func shutdown() async {
+        let all = templates.withLock { templates in
+            defer { templates = [] }
+            return templates
+        }
+        for template in all { await template.stop() }
         for base in cgroups.bases.values { rmdir(base) }
     }
 

@@ -24,12 +24,16 @@ final class NamespaceSandbox: Sandbox {
     private let logger: Logger
     private let memoryLimit: Int64
     private let stderrTail: OutputTail
+    /// Gives the session's host uid back (to the backend, or to its fork template's block).
+    private let releaseUID: @Sendable () -> Void
+    /// A forked session's pid 1 (its processes are the template's descendants, not ours).
+    var forked: Bool { pid == 0 }
 
     /// Time the host grants past the execution timeout for the agent to interrupt the code and
     /// answer before it is declared hung and the sandbox is killed.
     static let interruptGrace: Duration = .seconds(10)
 
-    private init(
+    init(
         id: String,
         uid: UInt32,
         pid: pid_t,
@@ -40,7 +44,9 @@ final class NamespaceSandbox: Sandbox {
         backend: NamespaceBackend,
         memoryLimit: Int64,
         stderrTail: OutputTail,
-        logger: Logger
+        logger: Logger,
+        files: SafeDirectory? = nil,
+        releaseUID: (@Sendable () -> Void)? = nil
     ) {
         self.memoryLimit = memoryLimit
         self.stderrTail = stderrTail
@@ -50,10 +56,11 @@ final class NamespaceSandbox: Sandbox {
         self.networkPID = networkPID
         self.namespaceHolderPID = namespaceHolderPID
         self.directory = directory
-        self.files = SafeDirectory(root: directory + "/data", owner: uid, group: uid)
+        self.files = files ?? SafeDirectory(root: directory + "/data", owner: uid, group: uid)
         self.agent = agent
         self.backend = backend
         self.logger = logger
+        self.releaseUID = releaseUID ?? { [backend] in backend.releaseUID(uid) }
     }
 
     var isAlive: Bool {
@@ -286,25 +293,8 @@ final class NamespaceSandbox: Sandbox {
     ) -> [String] {
         let config = backend.configuration
         let runtime = config.pythonRuntime
-        var arguments = [
-            "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/usr", "/usr",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-        ]
-        for path in [
-            "/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
-            "/etc/mime.types", "/etc/fonts",
-        ]
-        where access(path, F_OK) == 0 {
-            arguments += ["--ro-bind", path, path]
-        }
-        for name in ["passwd", "group", "hosts"] {
-            arguments += ["--ro-bind", backend.etcDirectory + "/" + name, "/etc/" + name]
-        }
-        if spec.pool.egressEnabled {
-            arguments += ["--ro-bind", backend.etcDirectory + "/resolv.conf", "/etc/resolv.conf"]
-        }
+        var arguments = ["--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        arguments += readOnlySystemBinds(backend: backend, egress: spec.pool.egressEnabled)
         arguments += [
             // /tmp first, so that binds below it (a runtime under /tmp) stay visible.
             "--size", "\(spec.pool.limits.tmpBytes)", "--perms", "1777", "--tmpfs", "/tmp",
@@ -324,6 +314,29 @@ final class NamespaceSandbox: Sandbox {
         arguments +=
             ["--remount-ro", "/", "--seccomp", "\(seccompFD)", "--"]
             + agentCommand(for: spec.pool.type, runtime: runtime)
+        return arguments
+    }
+
+    /// `/usr` and the few `/etc` files a sandbox sees, read-only (exec sandboxes and templates).
+    static func readOnlySystemBinds(backend: NamespaceBackend, egress: Bool) -> [String] {
+        var arguments = [
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        ]
+        for path in [
+            "/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
+            "/etc/mime.types", "/etc/fonts",
+        ]
+        where access(path, F_OK) == 0 {
+            arguments += ["--ro-bind", path, path]
+        }
+        for name in ["passwd", "group", "hosts"] {
+            arguments += ["--ro-bind", backend.etcDirectory + "/" + name, "/etc/" + name]
+        }
+        if egress {
+            arguments += ["--ro-bind", backend.etcDirectory + "/resolv.conf", "/etc/resolv.conf"]
+        }
         return arguments
     }
 
@@ -496,7 +509,7 @@ final class NamespaceSandbox: Sandbox {
         )
         for child in unreaped { _ = await ChildProcess.waitForExit(child) }
         try? await backend.records.removeRecord(id: id)
-        backend.releaseUID(uid)
+        releaseUID()
         logger.debug("sandbox destroyed")
     }
 }

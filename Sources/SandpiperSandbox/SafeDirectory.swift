@@ -15,12 +15,29 @@ struct SafeDirectory: Sendable {
     let root: String
     let owner: uid_t
     let group: gid_t
+    /// When set, the root is this open directory (a forked session's /mnt/data, reached through
+    /// its mount namespace once at start) and `root` is only its name in messages.
+    let rootDescriptor: HeldDescriptor?
+
+    init(root: String, owner: uid_t, group: gid_t, rootDescriptor: HeldDescriptor? = nil) {
+        self.root = root
+        self.owner = owner
+        self.group = group
+        self.rootDescriptor = rootDescriptor
+    }
+
+    private func openRoot() -> Int32 {
+        if let rootDescriptor {
+            return openat(rootDescriptor.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        }
+        return Glibc.open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    }
 
     static let maxListedEntries = 10_000
     static let maxDepth = 32
 
     func openDirectory(_ path: SessionFilePath, create: Bool = false) throws(SandpiperError) -> Int32 {
-        var fd = Glibc.open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        var fd = openRoot()
         guard fd >= 0 else { throw SandpiperError.internalError("session directory is missing") }
         for component in path.components {
             var next = openat(fd, component, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -83,7 +100,10 @@ struct SafeDirectory: Sendable {
     func info(_ path: SessionFilePath) throws(SandpiperError) -> FileEntry {
         if path.isRoot {
             var info = stat()
-            guard stat(root, &info) == 0 else { throw Self.error(errno, path) }
+            let fd = openRoot()
+            guard fd >= 0 else { throw Self.error(errno, path) }
+            defer { Glibc.close(fd) }
+            guard fstat(fd, &info) == 0 else { throw Self.error(errno, path) }
             return Self.entry(path, info)
         }
         let parent = try openDirectory(path.parent)
@@ -275,4 +295,11 @@ final class FileWriter: SandboxFileWriter {
     }
 
     deinit { cleanup() }
+}
+
+/// A descriptor closed when the last holder goes away (never while an operation may use it).
+final class HeldDescriptor: Sendable {
+    let fd: Int32
+    init(_ fd: Int32) { self.fd = fd }
+    deinit { Glibc.close(fd) }
 }

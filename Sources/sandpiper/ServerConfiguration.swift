@@ -126,6 +126,7 @@ struct ServerConfiguration: Sendable {
         if let isolation = try reader.string("isolation") {
             pool.isolation = try IsolationTier(caseInsensitive: isolation)
         }
+        if let launch = try reader.string("launch") { pool.launch = try LaunchMode(caseInsensitive: launch) }
         pool.maxExecutionSeconds = try reader.integer("maxExecutionSeconds") ?? pool.maxExecutionSeconds
         pool.defaultExecutionSeconds =
             try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)

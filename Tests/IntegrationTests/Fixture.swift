@@ -11,15 +11,28 @@ import Testing
 /// the test instead of skipping it.
 let integrationEnabled = ProcessInfo.processInfo.environment["SANDPIPER_INTEGRATION"] == "1"
 
+/// An isolation tier and, for Python on the namespace tier, how sessions start.
+struct Tier: Sendable, Equatable, CustomTestStringConvertible {
+    let isolation: IsolationTier
+    let launch: LaunchMode
+
+    static let namespaces = Tier(isolation: .namespaces, launch: .exec)
+    static let forked = Tier(isolation: .namespaces, launch: .fork)
+    static let gvisor = Tier(isolation: .gvisor, launch: .exec)
+
+    var testDescription: String { launch == .fork ? "namespaces (forked)" : isolation.rawValue }
+}
+
 /// Every tier this host can run: the suites below run against each (a matrix, not a copy).
 /// With SANDPIPER_REQUIRE_GVISOR=1 a host without gVisor fails instead of testing one tier.
-let tiers: [IsolationTier] = {
+/// `forked` only changes Python pools (others always exec).
+let tiers: [Tier] = {
     if NamespaceBackend.gvisorUnavailableReason() == nil
         || ProcessInfo.processInfo.environment["SANDPIPER_REQUIRE_GVISOR"] == "1"
     {
-        return IsolationTier.allCases
+        return [.forked, .namespaces, .gvisor]
     }
-    return [.namespaces]
+    return [.forked, .namespaces]
 }()
 
 let pythonRuntime =
@@ -55,7 +68,7 @@ final class Fixture: Sendable {
         disk: Int64 = 64 << 20,
         egress: Bool = false,
         cooldown: Int = 300,
-        tier: IsolationTier = .namespaces
+        tier: Tier = .namespaces
     ) -> PoolConfiguration {
         PoolConfiguration(
             name: name,
@@ -63,7 +76,8 @@ final class Fixture: Sendable {
             maxConcurrentSessions: 10,
             cooldownPeriodInSeconds: cooldown,
             egressEnabled: egress,
-            isolation: tier,
+            isolation: tier.isolation,
+            launch: tier.launch,
             limits: SessionLimits(memoryBytes: memory, cpus: 1, pids: pids, diskBytes: disk, tmpBytes: 64 << 20)
         )
     }
@@ -158,3 +172,6 @@ func withFixture(_ body: (Fixture) async throws -> Void) async throws {
     }
     await fixture.tearDown()
 }
+
+/// The tiers for Node and Shell pools, which never fork.
+let execTiers = tiers.filter { $0.launch == .exec }

@@ -8,14 +8,14 @@ import Testing
 /// own agents.
 @Suite("Node and Shell sandboxes (real bubblewrap)", .enabled(if: integrationEnabled), .serialized)
 struct LanguagePoolTests {
-    static func pool(_ type: PoolType, tier: IsolationTier = .namespaces) -> PoolConfiguration {
+    static func pool(_ type: PoolType, tier: Tier = .namespaces) -> PoolConfiguration {
         var pool = Fixture.pool(name: type == .nodeLTS ? "node" : "shell", tier: tier)
         pool.type = type
         return pool
     }
 
-    @Test("Node: declarations, top-level await, require and files persist across cells", arguments: tiers)
-    func nodeState(tier: IsolationTier) async throws {
+    @Test("Node: declarations, top-level await, require and files persist across cells", arguments: execTiers)
+    func nodeState(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Self.pool(.nodeLTS, tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -36,8 +36,8 @@ struct LanguagePoolTests {
         }
     }
 
-    @Test("Node: an infinite loop is stopped at the timeout and the context survives", arguments: tiers)
-    func nodeTimeout(tier: IsolationTier) async throws {
+    @Test("Node: an infinite loop is stopped at the timeout and the context survives", arguments: execTiers)
+    func nodeTimeout(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Self.pool(.nodeLTS, tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -51,8 +51,8 @@ struct LanguagePoolTests {
         }
     }
 
-    @Test("Shell: cwd, exported variables and files persist; exit codes and stdin come through", arguments: tiers)
-    func shellState(tier: IsolationTier) async throws {
+    @Test("Shell: cwd, exported variables and files persist; exit codes and stdin come through", arguments: execTiers)
+    func shellState(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Self.pool(.shell, tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -72,8 +72,8 @@ struct LanguagePoolTests {
         }
     }
 
-    @Test("Shell: a command that never ends is killed at the timeout; background jobs do not block", arguments: tiers)
-    func shellTimeouts(tier: IsolationTier) async throws {
+    @Test("Shell: a command that never ends is killed at the timeout; background jobs do not block", arguments: execTiers)
+    func shellTimeouts(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Self.pool(.shell, tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -96,9 +96,9 @@ struct LanguagePoolTests {
     @Test(
         "Node and Shell sessions cannot read host files, see the network or other sessions",
         arguments: [PoolType.nodeLTS, .shell],
-        tiers
+        execTiers
     )
-    func isolation(type: PoolType, tier: IsolationTier) async throws {
+    func isolation(type: PoolType, tier: Tier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
             defer { server.close() }

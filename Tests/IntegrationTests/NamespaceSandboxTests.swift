@@ -12,7 +12,7 @@ import Testing
 @Suite("Namespace sandbox (real bubblewrap + Python)", .enabled(if: integrationEnabled), .serialized)
 struct NamespaceSandboxTests {
     @Test("State persists across cells; cwd is /mnt/data; values come back typed", arguments: tiers)
-    func statePersists(tier: IsolationTier) async throws {
+    func statePersists(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -50,7 +50,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A matplotlib plot comes back as a PNG image result", arguments: tiers)
-    func plot(tier: IsolationTier) async throws {
+    func plot(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -65,7 +65,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A cell over its timeout is interrupted and the session keeps its state", arguments: tiers)
-    func timeout(tier: IsolationTier) async throws {
+    func timeout(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -81,7 +81,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A guest that ignores interrupts is killed after the grace period with a clear error", arguments: tiers)
-    func hungGuestIsKilled(tier: IsolationTier) async throws {
+    func hungGuestIsKilled(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             let code = """
@@ -103,7 +103,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("The agent killed mid-execution gives a clear error and leaves nothing behind", arguments: tiers)
-    func agentKilled(tier: IsolationTier) async throws {
+    func agentKilled(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             do {
@@ -119,7 +119,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("Host files, the state directory and other users' homes are out of reach", arguments: tiers)
-    func hostFilesUnreachable(tier: IsolationTier) async throws {
+    func hostFilesUnreachable(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -156,7 +156,7 @@ struct NamespaceSandboxTests {
             if tier == .gvisor { #expect(text.contains("'/sys/class/net': 'listed:lo'"), "\(text)") }
             let hidden =
                 ["/etc/shadow", "/root", "/home", fixture.stateDirectory, "/proc/1/root/etc/shadow", "/work"]
-                + (tier == .namespaces ? ["/sys/class/net"] : [])
+                + (tier.isolation == .namespaces ? ["/sys/class/net"] : [])
             for path in hidden {
                 #expect(
                     text.contains("'\(path)': 'FileNotFoundError'") || text.contains("'\(path)': 'PermissionError'"),
@@ -167,11 +167,12 @@ struct NamespaceSandboxTests {
                 #expect(!text.contains("'\(path)': 'written'"), "\(path) in \(text)")
             }
             #expect(text.contains("'caps': '0000000000000000'"))
-            if tier == .namespaces {
+            if tier.isolation == .namespaces {
                 // gVisor reports its own view; the host side of these is runsc's business.
                 #expect(text.contains("'nnp': '1'"))
                 #expect(text.contains("'seccomp': '2'"))
-                #expect(text.contains("'uid': 1000"))
+                // A forked session runs as its own uid of the template's user namespace.
+                #expect(tier.launch == .fork ? !text.contains("'uid': 0,") : text.contains("'uid': 1000"), "\(text)")
             }
         }
     }
@@ -206,7 +207,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("Sessions cannot see each other's files or processes", arguments: tiers)
-    func sessionsIsolated(tier: IsolationTier) async throws {
+    func sessionsIsolated(tier: Tier) async throws {
         try await withFixture { fixture in
             let a = try await fixture.launch(Fixture.pool(tier: tier))
             let b = try await fixture.launch(Fixture.pool(tier: tier))
@@ -235,7 +236,7 @@ struct NamespaceSandboxTests {
         "With egress off there is no interface but lo, no route, and a host loopback server is unreachable",
         arguments: tiers
     )
-    func noEgress(tier: IsolationTier) async throws {
+    func noEgress(tier: Tier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
             defer { server.close() }
@@ -279,7 +280,7 @@ struct NamespaceSandboxTests {
         "With egress on the sandbox gets a NATed tap0 and a default route, but never the host's loopback",
         arguments: tiers
     )
-    func egressOn(tier: IsolationTier) async throws {
+    func egressOn(tier: Tier) async throws {
         try await withFixture { fixture in
             let server = try LoopbackServer()
             defer { server.close() }
@@ -317,7 +318,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A memory hog is OOM-killed inside its cgroup with a clear error; the host stays healthy", arguments: tiers)
-    func memoryHog(tier: IsolationTier) async throws {
+    func memoryHog(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(memory: 192 << 20, tier: tier))
             let other = try await fixture.launch(Fixture.pool(tier: tier))
@@ -340,14 +341,14 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A fork bomb hits the pids limit; the session is destroyed cleanly and others keep working", arguments: tiers)
-    func forkBomb(tier: IsolationTier) async throws {
+    func forkBomb(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(pids: 48, tier: tier))
             let other = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await other.destroy() } }
             let code =
                 "import subprocess\nsubprocess.run(['bash', '-c', ':(){ :|:& };:; sleep 2'], timeout=5)\n'survived'"
-            switch tier {
+            switch tier.isolation {
             case .namespaces:
                 let outcome = try await sandbox.run(code, timeout: 15)
                 #expect(outcome.status == .success || outcome.status == .failure)
@@ -377,7 +378,7 @@ struct NamespaceSandboxTests {
         "/mnt/data has a size limit: a cell that fills it gets ENOSPC and an upload gets SessionDiskFull",
         arguments: tiers
     )
-    func diskQuota(tier: IsolationTier) async throws {
+    func diskQuota(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(disk: 8 << 20, tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -402,7 +403,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("The file API never follows symlinks or serves hard links out of /mnt/data", arguments: tiers)
-    func hostileFiles(tier: IsolationTier) async throws {
+    func hostileFiles(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             defer { Task { await sandbox.destroy() } }
@@ -438,7 +439,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("Destroy leaves no process, mount, cgroup, directory or record behind", arguments: tiers)
-    func destroyCleans(tier: IsolationTier) async throws {
+    func destroyCleans(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Fixture.pool(tier: tier))
             _ = try await sandbox.run(
@@ -495,7 +496,7 @@ struct NamespaceSandboxTests {
     }
 
     @Test("A restarted server removes the sandboxes a crashed one left behind", arguments: tiers)
-    func restartCleanup(tier: IsolationTier) async throws {
+    func restartCleanup(tier: Tier) async throws {
         let records = InMemorySandboxRecordStore()
         let crashed = try Fixture(records: records)
         let orphan = try await crashed.launch(Fixture.pool(tier: tier))

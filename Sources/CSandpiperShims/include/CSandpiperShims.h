@@ -23,4 +23,11 @@ int sandpiper_ns_get_userns(int fd);
 /// Waits up to `timeout_ms` for `fd` to be readable, then reads up to `count` bytes.
 /// Returns the byte count, 0 at EOF, -1 with errno (ETIMEDOUT on timeout).
 long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms);
+
+/// Sends one datagram `buffer` with `count` descriptors attached (SCM_RIGHTS) on a Unix socket.
+/// Returns the bytes sent or -1 with errno set.
+long sandpiper_send_with_fds(int socket, const void *buffer, unsigned long length, const int *fds, int count);
+
+/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC). Returns 0 or -1 with errno set.
+int sandpiper_seqpacket_pair(int fds[2]);
 #endif

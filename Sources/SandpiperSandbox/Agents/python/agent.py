@@ -1265,5 +1265,295 @@ def main():
     os._exit(0)
 
 
+# ----------------------------------------------------------------------------
+# Warm-fork template (docs/agent-protocol.md, "Fork template")
+#
+# The template runs as root of its own user namespace (inside a bubblewrap
+# sandbox, no seccomp: it must unshare and mount for its children), imports
+# and warms everything once, then forks one session per request. It never runs
+# user code. Each session's processes enter new mount, pid, net, ipc and uts
+# namespaces, get their own /tmp and /mnt/data, and drop to the session's uid,
+# all capabilities, no_new_privs and the seccomp filter before the agent loop.
+# ----------------------------------------------------------------------------
+
+TEMPLATE_CONTROL_FD = 3
+SECCOMP_PROGRAM = "/opt/sandpiper/seccomp.bpf"
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
+PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
+
+
+class Kernel:
+    """The few system calls Python does not wrap, through ctypes."""
+
+    def __init__(self):
+        import ctypes
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                    ctypes.c_ulong, ctypes.c_char_p]
+        self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                                    ctypes.c_ulong, ctypes.c_ulong]
+
+    def check(self, result, what):
+        if result != 0:
+            errno = self.ctypes.get_errno()
+            raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
+
+    def unshare(self, flags):
+        self.check(self.libc.unshare(flags), "unshare")
+
+    def mount(self, source, target, fstype, flags, data=None):
+        self.check(self.libc.mount(source.encode() if source else None, target.encode(),
+                                   fstype.encode() if fstype else None, flags,
+                                   data.encode() if data else None), "mount " + target)
+
+    def prctl(self, option, arg2=0, arg3=0):
+        self.check(self.libc.prctl(option, arg2, arg3, 0, 0), "prctl %d" % option)
+
+    def drop_capabilities(self):
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+        for cap in range(last + 1):
+            self.prctl(PR_CAPBSET_DROP, cap)
+        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+    def clear_inheritable(self):
+        ctypes = self.ctypes
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32)]
+
+        header = Header(0x20080522, 0)
+        data = (Data * 2)()
+        self.check(self.libc.capset(ctypes.byref(header), data), "capset")
+
+    def install_seccomp(self, program):
+        ctypes = self.ctypes
+
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+        buffer = ctypes.create_string_buffer(program, len(program))
+        fprog = Program(len(program) // 8, ctypes.addressof(buffer))
+        self.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        self.check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
+                                   ctypes.addressof(fprog), 0, 0), "seccomp")
+
+    def loopback_up(self):
+        import socket
+        SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sh14x", b"lo", 0)
+            flags = struct.unpack("16sh14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+
+
+def drop_to(kernel, uid):
+    """Never to return: no capability, no way back, before any user code."""
+    kernel.drop_capabilities()
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    kernel.clear_inheritable()
+
+
+def reseed():
+    """A forked session must not replay its siblings' random numbers."""
+    import random
+    random.seed(os.urandom(32))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+        except Exception:
+            pass
+
+
+def close_fds_except(keep):
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def session_agent(agent, kernel, program, request):
+    """Pid 2 of the session: the agent, as the session uid, under seccomp."""
+    os.setsid()
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    drop_to(kernel, request["uid"])
+    kernel.install_seccomp(program)
+    os.chdir("/mnt/data")
+    for var in ("IPYTHONDIR", "MPLCONFIGDIR"):
+        try:
+            os.makedirs(os.environ[var], exist_ok=True)
+        except (KeyError, OSError):
+            pass
+    reseed()
+    agent.channel = Channel(relocate_fd(REQUEST_FD), relocate_fd(RESPONSE_FD))
+    agent.pid = os.getpid()
+    global _diag_fd
+    _diag_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 10)
+    signal.signal(signal.SIGINT, ignore_sigint)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    except (OSError, ValueError):
+        pass
+    try:
+        agent.channel.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                            "language": "python", "version": platform.python_version(),
+                            "forked": True})
+        agent.serve()
+    except ChannelClosed:
+        pass
+    flush_std_streams()
+    os._exit(0)
+
+
+def session_init(agent, kernel, program, request):
+    """Pid 1 of the session's new namespaces: its mounts, then the agent, then reaping."""
+    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                 "size=%d,mode=1777" % request["tmpBytes"])
+    if os.path.isdir("/dev/shm"):
+        kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+                     "size=%d,mode=1777" % request["tmpBytes"])
+    kernel.mount("tmpfs", "/mnt/data", "tmpfs", MS_NOSUID | MS_NODEV,
+                 "size=%d,mode=0700,uid=%d,gid=%d" % (request["diskBytes"], request["uid"], request["uid"]))
+    socket_module = __import__("socket")
+    socket_module.sethostname("sandbox")
+    kernel.loopback_up()
+    child = os.fork()
+    if child == 0:
+        session_agent(agent, kernel, program, request)
+    # The init: holds nothing, reaps orphans, ends the session with the agent.
+    close_fds_except(set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    drop_to(kernel, request["uid"])
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def fork_session(agent, kernel, program, control, request, fds):
+    """Forks the session's first process; it waits for the host's go (sent once the host has
+    moved it into the session's cgroups), then enters new namespaces. Returns its pid."""
+    req, resp, go, err = fds
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        return pid
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        control.close()
+        if os.read(go, 1) != b"g":
+            os._exit(0)  # the host gave up on this session
+        os.dup2(req, REQUEST_FD)
+        os.dup2(resp, RESPONSE_FD)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(err, 2)
+        close_fds_except({0, 1, 2, REQUEST_FD, RESPONSE_FD})
+        kernel.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+        if os.fork() == 0:
+            try:
+                session_init(agent, kernel, program, request)
+            except BaseException:
+                log("session set-up failed: %s" % traceback.format_exc())
+            os._exit(1)
+        code = 0
+    except BaseException:
+        log("fork failed: %s" % traceback.format_exc())
+    os._exit(code)
+
+
+def reap_children(signum=None, frame=None):
+    """The forks exit as soon as their session's init is started: reap them at once."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def template_main():
+    import socket
+    global _diag_fd
+    _diag_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 10)
+    control = socket.socket(fileno=TEMPLATE_CONTROL_FD)
+    os.set_inheritable(control.fileno(), False)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    with open(SECCOMP_PROGRAM, "rb") as f:
+        program = f.read()
+    kernel = Kernel()
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.open(1, "wb", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True, write_through=True)
+    os.environ["MPLBACKEND"] = "Agg"
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    agent = Agent(None)
+    agent.start_shell()
+    agent.warm_up()
+    flush_std_streams()
+    import gc
+    gc.collect()
+    gc.freeze()  # objects shared with every child stay out of its collections (no copies)
+    signal.signal(signal.SIGCHLD, reap_children)
+    control.send(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 8)
+        except InterruptedError:
+            continue
+        if not message:
+            os._exit(0)  # the host is gone
+        reply = {"type": "error", "message": "bad request"}
+        try:
+            request = json.loads(message)
+            if request.get("type") == "fork" and len(fds) == 4:
+                pid = fork_session(agent, kernel, program, control, request, fds)
+                reply = {"type": "forked", "pid": pid}
+                fds = []
+        except Exception as e:
+            reply = {"type": "error", "message": repr(e)}
+        for fd in fds:
+            os.close(fd)
+        control.send(json.dumps(reply).encode())
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--template"]:
+        template_main()
+    else:
+        main()

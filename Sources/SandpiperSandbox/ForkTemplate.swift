@@ -1,0 +1,429 @@
+import Foundation
+import Logging
+import SandpiperCore
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+    import CSandpiperShims
+#endif
+
+/// The warm template of one fork pool (docs/architecture.md, "Warm-fork sessions").
+///
+/// A Python interpreter that has imported and warmed the whole stack, run by bubblewrap inside
+/// its own user namespace. That namespace maps its root to a host uid of its own and uids
+/// 1...n to a block of host uids, one per session; the template keeps its capabilities there
+/// (and only there) to give each forked session new mount, pid, net, ipc and uts namespaces and
+/// tmpfs mounts, then the session drops to its uid, all capabilities, no_new_privs and the
+/// seccomp filter before any user code runs. The template never runs user code.
+///
+/// The host speaks to it over a SOCK_SEQPACKET socket (fd 3 inside): a `fork` request carries
+/// the session's agent pipes; the reply names the fork's pid, which the host moves into the
+/// session's cgroups before letting it go on.
+actor ForkTemplate {
+    let pool: PoolConfiguration
+    private let backend: NamespaceBackend
+    private let logger: Logger
+    private var running: Running?
+    private var starting: Task<Running, any Error>?
+    /// When the last start failed: no new attempt for `retryDelay` (the pool falls back to exec).
+    private var failedAt: ContinuousClock.Instant?
+    static let retryDelay: Duration = .seconds(30)
+    static let forkTimeoutMilliseconds: Int32 = 10_000
+
+    private struct Running {
+        let id: String
+        let pid: pid_t
+        let control: Int32
+        let uids: UIDBlock
+        let stderrTail: OutputTail
+    }
+
+    init(pool: PoolConfiguration, backend: NamespaceBackend) {
+        self.pool = pool
+        self.backend = backend
+        var logger = backend.logger
+        logger[metadataKey: "pool"] = "\(pool.name)"
+        self.logger = logger
+    }
+
+    /// A forked session's first process, moved into `cgroupProcs` and released. The pipes are
+    /// the agent's request read end, response write end and stderr write end; the caller keeps
+    /// (and closes) its own copies.
+    func fork(
+        insideUID: UInt32,
+        limits: SessionLimits,
+        cgroupProcs: [String],
+        fds: [Int32]
+    ) throws(SandpiperError) -> pid_t {
+        guard let running else { throw SandpiperError(.unavailable, code: "TemplateUnavailable", "no template") }
+        let go = try Pipe()
+        defer {
+            close(go.read)
+            close(go.write)
+        }
+        let request: JSONValue = .object([
+            "type": .string("fork"),
+            "uid": .integer(Int64(insideUID)),
+            "tmpBytes": .integer(limits.tmpBytes),
+            "diskBytes": .integer(limits.diskBytes),
+        ])
+        let payload = Array((try? JSONEncoder().encode(request)) ?? Data())
+        // The template takes them as: requests, responses, go, stderr.
+        let ordered = [fds[0], fds[1], go.read, fds[2]]
+        let sent = payload.withUnsafeBufferPointer { bytes in
+            ordered.withUnsafeBufferPointer { table in
+                sandpiper_send_with_fds(
+                    running.control,
+                    bytes.baseAddress,
+                    UInt(bytes.count),
+                    table.baseAddress,
+                    Int32(table.count)
+                )
+            }
+        }
+        guard sent == payload.count else { throw templateDied("cannot send a fork request") }
+        let reply = try readMessage(running.control, timeout: Self.forkTimeoutMilliseconds)
+        guard case .object(let fields) = reply, fields["type"] == .string("forked"),
+            case .integer(let namespacePID) = fields["pid"]
+        else {
+            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(reply)")
+        }
+        guard let hostPID = Self.hostPID(of: pid_t(namespacePID), amongProcessesOf: running.id, backend: backend)
+        else {
+            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
+        }
+        for procs in cgroupProcs {
+            guard (try? "\(hostPID)".write(toFile: procs, atomically: false, encoding: .utf8)) != nil else {
+                kill(hostPID, SIGKILL)
+                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "cannot move the session into \(procs)")
+            }
+        }
+        var byte = UInt8(ascii: "g")
+        guard write(go.write, &byte, 1) == 1 else {
+            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session did not wait")
+        }
+        return hostPID
+    }
+
+    /// A host uid for a new session, with its number inside the template's user namespace.
+    func claimUID() async throws -> (host: UInt32, inside: UInt32, block: UIDBlock) {
+        if running == nil { try await start() }
+        guard let running else { throw SandpiperError(.unavailable, code: "TemplateUnavailable", "no template") }
+        guard let inside = running.uids.claim() else {
+            throw SandpiperError(.unavailable, "every uid of the pool's template is in use")
+        }
+        return (running.uids.base + inside, inside, running.uids)
+    }
+
+    /// True when the template runs or may be started now.
+    var available: Bool {
+        if running != nil { return true }
+        if let failedAt, ContinuousClock.now - failedAt < Self.retryDelay { return false }
+        return true
+    }
+
+    // MARK: Start and stop
+
+    /// Starts the template, once: concurrent callers wait for the same start.
+    private func start() async throws {
+        if let failedAt, ContinuousClock.now - failedAt < Self.retryDelay {
+            throw SandpiperError(.unavailable, code: "TemplateUnavailable", "the template failed to start recently")
+        }
+        let task: Task<Running, any Error>
+        if let starting {
+            task = starting
+        } else {
+            task = Task { try await self.launch() }
+            starting = task
+        }
+        do {
+            let started = try await task.value
+            if starting != nil {
+                starting = nil
+                running = started
+                failedAt = nil
+            }
+        } catch {
+            starting = nil
+            failedAt = .now
+            throw error
+        }
+    }
+
+    func stop() async {
+        guard let running else { return }
+        self.running = nil
+        close(running.control)
+        running.stderrTail.close()
+        let unreaped = backend.removeTraces(
+            id: running.id,
+            children: [running.pid],
+            directory: backend.sessionsDirectory + "/" + running.id,
+            cgroupDirectories: backend.cgroups.directories(for: running.id)
+        )
+        for child in unreaped { _ = await ChildProcess.waitForExit(child) }
+        try? await backend.records.removeRecord(id: running.id)
+        running.uids.retire()
+    }
+
+    private func templateDied(_ what: String) -> SandpiperError {
+        let said = running?.stderrTail.text ?? ""
+        logger.error("the fork template died; it restarts on the next session", metadata: ["said": "\(said.suffix(500))"])
+        let error = SandpiperError(.unavailable, code: "SandboxStartFailed", "\(what): the pool's template is gone")
+        if let running {
+            self.running = nil
+            close(running.control)
+            running.stderrTail.close()
+            let backend = backend
+            Task { await Self.remove(running, backend: backend) }
+        }
+        return error
+    }
+
+    private static func remove(_ running: Running, backend: NamespaceBackend) async {
+        let unreaped = backend.removeTraces(
+            id: running.id,
+            children: [running.pid],
+            directory: backend.sessionsDirectory + "/" + running.id,
+            cgroupDirectories: backend.cgroups.directories(for: running.id)
+        )
+        for child in unreaped { _ = await ChildProcess.waitForExit(child) }
+        try? await backend.records.removeRecord(id: running.id)
+        running.uids.retire()
+    }
+
+    private func launch() async throws -> Running {
+        let started = ContinuousClock.now
+        let slots = UInt32(min(pool.maxConcurrentSessions + pool.readySessionInstances + 8, 4000))
+        let base = try backend.allocateUIDBlock(count: slots + 1)
+        let uids = UIDBlock(base: base, count: slots, backend: backend)
+        let id = "tpl-\(pool.name)-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
+        var record = SandboxRecord(
+            id: id,
+            pool: pool.name,
+            backend: NamespaceBackend.name,
+            uid: base,
+            directory: backend.sessionsDirectory + "/" + id,
+            cgroupDirectories: backend.cgroups.directories(for: id),
+            createdAt: Date()
+        )
+        var pid: pid_t = 0
+        var openFDs: [Int32] = []
+        var tail: OutputTail?
+        do {
+            try await backend.records.save(record)
+            var limits = pool.limits
+            limits.memoryBytes = max(limits.memoryBytes, 512 << 20)
+            limits.pids = 64
+            let procs = try backend.cgroups.create(sandboxID: id, limits: limits)
+            var pair: [Int32] = [0, 0]
+            guard sandpiper_seqpacket_pair(&pair) == 0 else {
+                throw SandpiperError(.unavailable, "cannot create the template's socket")
+            }
+            openFDs += pair
+            let ready = try Pipe()
+            let go = try Pipe()
+            let stderrPipe = try Pipe()
+            openFDs += [ready.read, ready.write, go.read, go.write, stderrPipe.read, stderrPipe.write]
+            let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
+            openFDs.append(devNull)
+            let stderrFD = backend.configuration.inheritAgentStderr ? STDERR_FILENO : stderrPipe.write
+            // fd 3: the control socket; 4 and 5: the hand-shake for the uid maps, closed before
+            // bubblewrap starts.
+            let fds = [devNull, devNull, stderrFD, pair[1], ready.write, go.read]
+            let handshake = #"echo r >&4 && read x <&5 && exec 4>&- 5<&- && exec "$@""#
+            let launcher =
+                [
+                    backend.configuration.setpriv, "--reuid=\(base)", "--regid=\(base)", "--clear-groups",
+                    "--inh-caps=-all", "--", "/usr/bin/unshare", "--user", "--", "/bin/sh", "-c", handshake,
+                    "sandpiper-template", backend.configuration.bubblewrap,
+                ] + Self.bubblewrapArguments(pool: pool, backend: backend)
+            let script = "ulimit -n 4096 && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
+            logger.trace("starting the fork template", metadata: ["command": "\(launcher.joined(separator: " "))"])
+            pid = try ChildProcess.spawn(
+                executable: "/bin/sh",
+                arguments: ["-c", script, "sandpiper-launch"] + procs + ["--"] + launcher,
+                fds: fds
+            )
+            record.pid = pid
+            try? await backend.records.save(record)
+            for fd in [pair[1], ready.write, go.read, devNull, stderrPipe.write] { close(fd) }
+            openFDs = [pair[0], ready.read, go.write]
+            let stderrTail = try await OutputTail.drain(stderrPipe.read)
+            tail = stderrTail
+            var byte: UInt8 = 0
+            guard sandpiper_read_timeout(ready.read, &byte, 1, 10_000) == 1 else {
+                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template's user namespace did not come up")
+            }
+            // Inside root is the template's own uid; 1...slots are the sessions'.
+            let map = "0 \(base) 1\n1 \(base + 1) \(slots)\n"
+            for file in ["uid_map", "gid_map"] {
+                guard (try? map.write(toFile: "/proc/\(pid)/\(file)", atomically: false, encoding: .utf8)) != nil else {
+                    throw SandpiperError(.unavailable, code: "SandboxStartFailed", "cannot write the template's \(file)")
+                }
+            }
+            // A whole line: `read` fails on a line cut short by EOF.
+            var line: [UInt8] = Array("go\n".utf8)
+            _ = write(go.write, &line, line.count)
+            close(ready.read)
+            close(go.write)
+            openFDs = [pair[0]]
+            let timeout = Int32(clamping: backend.configuration.startupTimeout.components.seconds * 1000)
+            let hello = try readMessage(pair[0], timeout: timeout, tail: stderrTail)
+            guard case .object(let fields) = hello, fields["type"] == .string("ready") else {
+                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template said \(hello)")
+            }
+            logger.info(
+                "fork template ready",
+                metadata: ["uids": "\(base)...\(base + slots)", "took": "\(ContinuousClock.now - started)"]
+            )
+            return Running(id: id, pid: pid, control: pair[0], uids: uids, stderrTail: stderrTail)
+        } catch {
+            tail?.close()
+            for fd in openFDs { close(fd) }
+            let unreaped = backend.removeTraces(
+                id: id,
+                children: pid > 0 ? [pid] : [],
+                directory: record.directory,
+                cgroupDirectories: record.cgroupDirectories
+            )
+            for child in unreaped { _ = await ChildProcess.waitForExit(child) }
+            try? await backend.records.removeRecord(id: id)
+            uids.retire()
+            let said = tail?.text ?? ""
+            let message = (error as? SandpiperError)?.message ?? "\(error)"
+            throw SandpiperError(
+                .unavailable,
+                code: "SandboxStartFailed",
+                "the fork template did not start: \(message)" + (said.isEmpty ? "" : "; it said: \(said.suffix(1500))")
+            )
+        }
+    }
+
+    /// One JSON message from the control socket.
+    private func readMessage(_ fd: Int32, timeout: Int32, tail: OutputTail? = nil) throws(SandpiperError) -> JSONValue {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let count = buffer.withUnsafeMutableBytes { raw in
+            sandpiper_read_timeout(fd, raw.baseAddress, UInt(raw.count), timeout)
+        }
+        guard count > 0 else {
+            if tail != nil {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxStartFailed",
+                    count == 0 ? "the template exited" : "the template did not answer in time"
+                )
+            }
+            throw templateDied(count == 0 ? "the template exited" : "the template did not answer in time")
+        }
+        guard let value = try? JSONDecoder().decode(JSONValue.self, from: Data(buffer[0..<count])) else {
+            throw templateDied("the template sent a malformed message")
+        }
+        return value
+    }
+
+    /// The host pid of the process that is `namespacePID` in the template's pid namespace.
+    static func hostPID(of namespacePID: pid_t, amongProcessesOf id: String, backend: NamespaceBackend) -> pid_t? {
+        for pid in backend.cgroups.pids(sandboxID: id) {
+            guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
+            else { continue }
+            let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
+            // Host pid first, the template's namespace last (the host's own bwrap has one entry).
+            if ids.count >= 2, ids.last == namespacePID { return pid }
+        }
+        return nil
+    }
+
+    /// The template's sandbox: the same read-only view as an exec session, no seccomp (it must
+    /// unshare and mount for its sessions), its capabilities kept inside its own user namespace.
+    static func bubblewrapArguments(pool: PoolConfiguration, backend: NamespaceBackend) -> [String] {
+        let runtime = backend.configuration.pythonRuntime
+        var arguments = [
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-add", "ALL",
+        ]
+        arguments += NamespaceSandbox.readOnlySystemBinds(backend: backend, egress: false)
+        arguments += [
+            "--size", "\(64 << 20)", "--perms", "1777", "--tmpfs", "/tmp",
+            "--ro-bind", runtime, runtime,
+            "--ro-bind", backend.installedAgentsDirectory, "/opt/sandpiper/agents",
+            "--ro-bind", backend.seccompPath, "/opt/sandpiper/seccomp.bpf",
+            "--proc", "/proc", "--dev", "/dev",
+            "--dir", "/mnt", "--dir", "/mnt/data", "--chdir", "/mnt/data", "--hostname", "sandbox",
+            "--clearenv",
+        ]
+        for (name, value) in NamespaceSandbox.sandboxEnvironment(runtime: runtime) {
+            arguments += ["--setenv", name, value]
+        }
+        arguments += ["--remount-ro", "/", "--"]
+        arguments += NamespaceSandbox.agentCommand(for: .pythonLTS, runtime: runtime) + ["--template"]
+        return worldTraversableParents(arguments)
+    }
+
+    /// bubblewrap makes the missing parents of a bind target mode 0700, owned by the user it runs
+    /// as: the template's root here, so its sessions (other uids) could not reach /etc, /opt or
+    /// the runtime. Makes each such parent first, 0755.
+    static func worldTraversableParents(_ arguments: [String]) -> [String] {
+        var parents: [String] = []
+        var index = 0
+        while index + 2 < arguments.count {
+            if ["--ro-bind", "--bind", "--symlink"].contains(arguments[index]) {
+                var path = (arguments[index + 2] as NSString).deletingLastPathComponent
+                var chain: [String] = []
+                while path != "/" && !path.isEmpty {
+                    chain.insert(path, at: 0)
+                    path = (path as NSString).deletingLastPathComponent
+                }
+                for parent in chain where !parents.contains(parent) { parents.append(parent) }
+                index += 3
+            } else {
+                index += 1
+            }
+        }
+        let made = parents.flatMap { ["--perms", "0755", "--dir", $0] }
+        guard let first = arguments.firstIndex(where: { $0 == "--ro-bind" }) else { return arguments }
+        return Array(arguments[..<first]) + made + Array(arguments[first...])
+    }
+}
+
+/// The host uids of one template: `base` is the template's own, base+1...base+count its
+/// sessions'. Given back to the backend once the template is gone and every session ended.
+final class UIDBlock: Sendable {
+    let base: UInt32
+    let count: UInt32
+    private let state = Mutex<(used: Set<UInt32>, retired: Bool)>(([], false))
+    private let backend: NamespaceBackend
+
+    init(base: UInt32, count: UInt32, backend: NamespaceBackend) {
+        self.base = base
+        self.count = count
+        self.backend = backend
+    }
+
+    /// A free inside uid (1...count), or nil.
+    func claim() -> UInt32? {
+        state.withLock { state in
+            guard !state.retired, let free = (1...count).first(where: { !state.used.contains($0) }) else { return nil }
+            state.used.insert(free)
+            return free
+        }
+    }
+
+    func release(inside: UInt32) {
+        let done = state.withLock { state in
+            state.used.remove(inside)
+            return state.retired && state.used.isEmpty
+        }
+        if done { backend.releaseUIDBlock(base: base, count: count + 1) }
+    }
+
+    func retire() {
+        let done = state.withLock { state in
+            state.retired = true
+            return state.used.isEmpty
+        }
+        if done { backend.releaseUIDBlock(base: base, count: count + 1) }
+    }
+}
