@@ -369,12 +369,30 @@ def integrity_check(data_dir):
         conn.close()
 
 
+def namespace_mounts(uids):
+    """Mounts summed over the distinct mount namespaces of the processes of `uids`: sandboxes
+    forked from a template mount their /mnt/data inside namespaces the host does not see."""
+    host = os.readlink("/proc/self/ns/mnt")  # counted by mounts_under; other servers change it
+    seen = {host: 0}
+    for pid in uid_pids(uids):
+        try:
+            ns = os.readlink("/proc/%d/ns/mnt" % pid)
+            if ns in seen:
+                continue
+            with open("/proc/%d/mountinfo" % pid) as f:
+                seen[ns] = sum(1 for _ in f)
+        except OSError:
+            continue
+    return sum(seen.values())
+
+
 def snapshot(server):
     """What the server owns right now."""
     parents, groups = sandbox_cgroups(server.data_dir)
     return {
         "sandbox processes": len(uid_pids(server.uids)),
         "mounts under data dir": len(mounts_under(server.data_dir)),
+        "mounts in sandbox namespaces": namespace_mounts(server.uids),
         "sandbox cgroups": len(groups),
         "server open fds": fd_count(server.pid),
         "session dirs": len(session_dirs(server.data_dir)),

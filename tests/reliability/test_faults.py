@@ -198,12 +198,11 @@ def test_server_sigkill_then_restart_cleans_up(servers, report):
     }
     assert not any(stale.values()), "first-run traces after the restart: %s" % stale
 
-    # The pools refilled (counted above by the log), and exactly the ready sandboxes exist.
-    snap = rh.snapshot(srv)
-    assert snap["session dirs"] == srv.ready_target, snap
-    assert snap["sqlite sandbox rows"] == srv.ready_target, snap
-    assert snap["mounts under data dir"] == srv.ready_target, snap
-    assert snap["sandbox cgroups"] == 3 * srv.ready_target or snap["sandbox cgroups"] == srv.ready_target, snap
+    # The pools refilled (start() waited for it), and what exists is consistent: every sandbox
+    # record has its cgroups and every sandbox cgroup its record.
+    recorded = set(rh.sandbox_ids_in_db(srv.data_dir))
+    grouped = {g.rsplit("/", 1)[-1] for g in rh.sandbox_cgroups(srv.data_dir)[1]}
+    assert recorded == grouped, (sorted(recorded), sorted(grouped))
 
     # Calls work: the old identifiers get fresh sessions, new ones too.
     for ident in idents["shell"] + [busy]:

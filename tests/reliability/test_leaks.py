@@ -11,7 +11,10 @@ the run (pool full again) every count must be back: sandbox-uid processes, mount
 directory, sandbox cgroups, session directories, sqlite sandbox rows; the server's open fds
 within FD_SLACK and its VmRSS within RSS_SLACK_MIB.
 
-SANDPIPER_LEAK_LIFECYCLES sets the count (default 1000; `make soak` runs 10,000) and
+The same runs on a Python pool (sessions forked from the pool's warm template, or launched when
+there is none), fewer times: SANDPIPER_LEAK_PY_LIFECYCLES (default 150).
+
+SANDPIPER_LEAK_LIFECYCLES sets the Shell count (default 1000; `make soak` runs 10,000) and
 SANDPIPER_LEAK_THREADS the client threads (default 3).
 """
 
@@ -21,24 +24,36 @@ import threading
 import time
 import uuid
 
+import pytest
 import requests
 
 import rel_helpers as rh
 
 LIFECYCLES = int(os.environ.get("SANDPIPER_LEAK_LIFECYCLES", "1000"))
+PY_LIFECYCLES = int(os.environ.get("SANDPIPER_LEAK_PY_LIFECYCLES", "150"))
 THREADS = int(os.environ.get("SANDPIPER_LEAK_THREADS", "3"))
 WARMUP = 20
 READY = 4
 FD_SLACK = 8
 RSS_SLACK_MIB = 30
-POOL = "shell"
-POOLS = [{"name": POOL, "type": "Shell", "readySessionInstances": READY, "maxConcurrentSessions": 16,
-          "cooldownPeriodInSeconds": 600}]
+POOLS = [
+    {"name": "shell", "type": "Shell", "readySessionInstances": READY, "maxConcurrentSessions": 16,
+     "cooldownPeriodInSeconds": 600},
+    {"name": "python", "readySessionInstances": READY, "maxConcurrentSessions": 16,
+     "cooldownPeriodInSeconds": 600},
+]
+PY_CODE = (
+    "import subprocess, os\n"
+    "open('/mnt/data/f-{n}.txt', 'w').write('payload-{n}')\n"
+    "procs = [subprocess.Popen(['sleep', '600']), subprocess.Popen(['sh', '-c', '(sleep 600 &)'])]\n"
+    "print(open('/mnt/data/f-{n}.txt').read())"
+)
 # Exact: every one of these must come back to its baseline.
-EXACT = ["sandbox processes", "mounts under data dir", "sandbox cgroups", "session dirs", "sqlite sandbox rows"]
+EXACT = ["sandbox processes", "mounts under data dir", "mounts in sandbox namespaces", "sandbox cgroups", "session dirs",
+         "sqlite sandbox rows"]
 
 
-def lifecycle(srv, http, n):
+def lifecycle(srv, http, n, pool):
     """One session from first call to its end; returns a list of problems (empty when fine)."""
     ident = "leak-%d-%s" % (n, uuid.uuid4().hex[:12])
     command = (
@@ -46,35 +61,39 @@ def lifecycle(srv, http, n):
         "sleep 600 >/dev/null 2>&1 & cat /mnt/data/f-%d.txt" % (n, n, n)
     )
     problems = []
-    if n % 2 == 0:
-        r = srv.shell(POOL, ident, command, http=http)
+    if pool == "python":
+        r = srv.execute(pool, ident, PY_CODE.format(n=n), http=http)
+        if r.status_code != 200 or r.json()["properties"]["stdout"] != "payload-%d\n" % n:
+            problems.append("python execution %d -> %s %s" % (n, r.status_code, r.text[:300]))
+    elif n % 2 == 0:
+        r = srv.shell(pool, ident, command, http=http)
         if r.status_code != 200 or r.json().get("status") != "0" or \
                 r.json()["result"]["stdout"] != "payload-%d\n" % n:
             problems.append("execution %d -> %s %s" % (n, r.status_code, r.text[:300]))
     else:
-        r = srv.execute(POOL, ident, command, http=http)
+        r = srv.execute(pool, ident, command, http=http)
         if r.status_code != 200 or r.json()["properties"]["stdout"] != "payload-%d\n" % n:
             problems.append("legacy execution %d -> %s %s" % (n, r.status_code, r.text[:300]))
     if n % 10 == 0:
-        r = srv.upload(POOL, ident, "up-%d.bin" % n, os.urandom(4096), http=http)
+        r = srv.upload(pool, ident, "up-%d.bin" % n, os.urandom(4096), http=http)
         if r.status_code != 200:
             problems.append("upload %d -> %s %s" % (n, r.status_code, r.text[:300]))
-        r = http.get(srv.url(POOL, "files", ident), timeout=60)
+        r = http.get(srv.url(pool, "files", ident), timeout=60)
         names = {v["properties"]["filename"] for v in r.json().get("value", [])} if r.status_code == 200 else set()
         if {"f-%d.txt" % n, "up-%d.bin" % n} - names:
             problems.append("list %d -> %s %s" % (n, r.status_code, r.text[:300]))
     if n % 2 == 0:
-        r = srv.delete_session(POOL, ident, http=http)
+        r = srv.delete_session(pool, ident, http=http)
         if r.status_code != 204:
             problems.append("DELETE session %d -> %s %s" % (n, r.status_code, r.text[:300]))
     else:
-        r = srv.stop_session(POOL, ident, http=http)
+        r = srv.stop_session(pool, ident, http=http)
         if r.status_code != 200:
             problems.append("stopSession %d -> %s %s" % (n, r.status_code, r.text[:300]))
     return problems
 
 
-def run_lifecycles(srv, count, threads, start=0, deadline_s=3600):
+def run_lifecycles(srv, pool, count, threads, start=0, deadline_s=3600):
     counter = itertools.count(start)
     end = start + count
     problems = []
@@ -90,7 +109,7 @@ def run_lifecycles(srv, count, threads, start=0, deadline_s=3600):
                 if n >= end or len(problems) >= 20:
                     return
             try:
-                found = lifecycle(srv, http, n)
+                found = lifecycle(srv, http, n, pool)
             except (requests.RequestException, ValueError, KeyError) as e:
                 found = ["lifecycle %d raised %r" % (n, e)]
             if found:
@@ -131,26 +150,27 @@ def table(baseline, after, extra):
     return "\n".join(lines + extra)
 
 
-def test_session_lifecycles_leak_nothing(servers, report):
-    srv = servers(POOLS, uid_offset=0, name="leak").start()
-    problems = run_lifecycles(srv, WARMUP, THREADS)
+@pytest.mark.parametrize("pool", ["shell", "python"])
+def test_session_lifecycles_leak_nothing(servers, report, pool):
+    count = LIFECYCLES if pool == "shell" else PY_LIFECYCLES
+    pools = [p for p in POOLS if p["name"] == pool]
+    srv = servers(pools, uid_offset=0, name="leak-" + pool).start()
+    problems = run_lifecycles(srv, pool, WARMUP, THREADS)
     assert not problems, problems
     srv.wait_pool_full()
     time.sleep(1.0)
     baseline = rh.snapshot(srv)
-    assert baseline["sqlite sandbox rows"] == READY, baseline
-    assert baseline["session dirs"] == READY, baseline
 
     t0 = time.monotonic()
-    problems = run_lifecycles(srv, LIFECYCLES, THREADS, start=WARMUP, deadline_s=max(600, LIFECYCLES * 2))
+    problems = run_lifecycles(srv, pool, count, THREADS, start=WARMUP, deadline_s=max(600, count * 2))
     elapsed = time.monotonic() - t0
     assert not problems, "failed lifecycles (first %d):\n%s\nserver log tail:\n%s" % (
         len(problems), "\n".join(problems), srv.log_tail())
     assert srv.alive(), srv.log_tail()
 
     after = settled_snapshot(srv, baseline)
-    report("leak test: %d Shell session lifecycles, %d client threads" % (LIFECYCLES, THREADS),
-           table(baseline, after, ["%d lifecycles in %.1f s (%.1f/s)" % (LIFECYCLES, elapsed, LIFECYCLES / elapsed)]))
+    report("leak test: %d %s session lifecycles, %d client threads" % (count, pool, THREADS),
+           table(baseline, after, ["%d lifecycles in %.1f s (%.1f/s)" % (count, elapsed, count / elapsed)]))
 
     leaked = {k: (baseline[k], after[k]) for k in EXACT if after[k] != baseline[k]}
     details = ""
@@ -159,8 +179,8 @@ def test_session_lifecycles_leak_nothing(servers, report):
         parents, groups = rh.sandbox_cgroups(srv.data_dir)
         details = "\nprocesses:\n%s\ncgroups: %s\nsession dirs: %s" % (
             rh.describe_pids(pids), groups, rh.session_dirs(srv.data_dir))
-    assert not leaked, "not back to baseline after %d lifecycles: %s%s" % (LIFECYCLES, leaked, details)
+    assert not leaked, "not back to baseline after %d lifecycles: %s%s" % (count, leaked, details)
     assert after["server open fds"] <= baseline["server open fds"] + FD_SLACK, (baseline, after)
     growth_mib = (after["server VmRSS KiB"] - baseline["server VmRSS KiB"]) / 1024
     assert growth_mib <= RSS_SLACK_MIB, "server RSS grew %.1f MiB over %d lifecycles (%s -> %s)" % (
-        growth_mib, LIFECYCLES, baseline["server VmRSS KiB"], after["server VmRSS KiB"])
+        growth_mib, count, baseline["server VmRSS KiB"], after["server VmRSS KiB"])
