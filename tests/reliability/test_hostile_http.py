@@ -1,9 +1,9 @@
 """Slow and hostile HTTP clients, over raw sockets to 127.0.0.1.
 
 The server runs with small limits (server.requestHeadTimeoutSeconds 2, requestBodyTimeoutSeconds
-2, maxConnectionsPerClient 100): a request head not complete within the head timeout, or a body
-with no bytes for the body timeout, closes the connection; one remote address holds at most 100
-connections. The attackers bind 127.0.0.1 as their source address; the well-behaved client binds
+2, maxConnectionsPerClient 100, maxConnections 300): a request head not complete within the head
+timeout, or a body with no bytes for the body timeout, closes the connection; one remote address
+holds at most 100 connections, and all together at most 300 (more wait in the listen backlog). The attackers bind 127.0.0.1 as their source address; the well-behaved client binds
 127.0.0.2 (Linux routes all of 127/8 to lo), so per-client limits must not starve it.
 """
 
@@ -26,10 +26,11 @@ MARGIN = 3  # s past a timeout within which the close must be seen
 ATTACKERS = 1500
 ATTACKER_SOURCE = "127.0.0.1"
 GOOD_SOURCE = "127.0.0.2"
+TOTAL = 300  # server.maxConnections
 SERVER_SETTINGS = {
     "requestHeadTimeoutSeconds": HEAD_TIMEOUT,
     "requestBodyTimeoutSeconds": BODY_TIMEOUT,
-    "maxConnections": 4096,
+    "maxConnections": TOTAL,
     "maxConnectionsPerClient": PER_CLIENT,
 }
 POOLS = [{"name": "shell", "type": "Shell", "readySessionInstances": 2, "maxConcurrentSessions": 8}]
@@ -287,19 +288,56 @@ def test_many_slow_connections_from_one_client_do_not_starve_another(server, rep
         assert json.loads(data)["result"]["stdout"] == "served\n"
         assert execute_s < 5, "an execution took %.1f s" % execute_s
 
-        # The per-client cap holds, and the slow heads are all cut by the head timeout.
-        assert most_open <= PER_CLIENT + 5, "%d connections from one address held open" % most_open
-        assert most_fds - base_fds <= PER_CLIENT + 20, "server fds %d -> %d" % (base_fds, most_fds)
+        # The per-client cap holds (server side: the client side also counts connections still in
+        # the listen backlog), and the slow heads are all cut by the head timeout.
+        assert most_fds - base_fds <= PER_CLIENT + 20, "server fds %d -> %d with maxConnectionsPerClient %d" % (
+            base_fds, most_fds, PER_CLIENT)
         deadline = time.monotonic() + HEAD_TIMEOUT + MARGIN
         while time.monotonic() < deadline and any(not closed_by_peer(s) for s in attackers):
             time.sleep(0.2)
         still_open = sum(not closed_by_peer(s) for s in attackers)
         assert still_open == 0, "%d slow heads still open past the head timeout" % still_open
         report("hostile HTTP: %d slow connections from %s" % (ATTACKERS, ATTACKER_SOURCE),
-               "opened %d (connect failures %d) in %.1f s; most held open by the server %d (cap %d); "
+               "opened %d (connect failures %d) in %.1f s; most seen open by the client %d (cap %d); "
                "server fds %d -> at most %d; healthz from %s %.0f ms, execution %.0f ms"
                % (len(attackers), failed, opened, most_open, PER_CLIENT, base_fds, most_fds, GOOD_SOURCE,
                   healthz_s * 1000, execute_s * 1000))
+    finally:
+        for s in attackers:
+            s.close()
+    assert_server_fine(server)
+
+
+def test_total_connection_cap_holds_and_the_backlog_drains(server, report):
+    """Slow heads from five addresses, each under the per-client cap, 500 in all: the server holds
+    at most maxConnections (300) at once; a new client waits in the backlog only until the head
+    timeout frees slots, then is served."""
+    base_fds = rh.fd_count(server.pid)
+    attackers, failed, most_fds = [], 0, 0
+    t0 = time.monotonic()
+    try:
+        for k in range(5 * PER_CLIENT):
+            source = "127.0.0.%d" % (3 + k // PER_CLIENT)
+            try:
+                s = connect(server, source=source, timeout=2)
+                s.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                attackers.append(s)
+            except OSError:
+                failed += 1
+            if k % 50 == 49:
+                most_fds = max(most_fds, rh.fd_count(server.pid))
+            if time.monotonic() - t0 > 30:
+                break
+        time.sleep(0.3)
+        most_fds = max(most_fds, rh.fd_count(server.pid))
+        status, body, healthz_s = good_healthz(server)
+        assert status == 200, (status, body)
+        assert healthz_s < HEAD_TIMEOUT + MARGIN, "healthz waited %.1f s behind the cap" % healthz_s
+        assert most_fds - base_fds <= TOTAL + 20, "server fds %d -> %d with maxConnections %d" % (
+            base_fds, most_fds, TOTAL)
+        report("hostile HTTP: %d slow connections from 5 addresses, maxConnections %d" % (5 * PER_CLIENT, TOTAL),
+               "opened %d (connect failures %d); server fds %d -> at most %d; healthz from %s after %.0f ms"
+               % (len(attackers), failed, base_fds, most_fds, GOOD_SOURCE, healthz_s * 1000))
     finally:
         for s in attackers:
             s.close()
