@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/fsuid.h>
 
 #ifndef NS_GET_USERNS
 #define NS_GET_USERNS 0xb701
@@ -100,4 +101,9 @@ long sandpiper_send_with_fds(int sock, const void *buffer, unsigned long length,
 
 int sandpiper_seqpacket_pair(int fds[2]) {
     return socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds);
+}
+
+void sandpiper_set_fs_identity(uid_t uid, gid_t gid) {
+    setfsgid(gid);
+    setfsuid(uid);
 }

@@ -1,4 +1,5 @@
 import Foundation
+import CSandpiperShims
 import SandpiperCore
 import Synchronization
 
@@ -26,6 +27,17 @@ struct SafeDirectory: Sendable {
         self.rootDescriptor = rootDescriptor
     }
 
+    /// Runs `body` (no suspension inside) with this thread's filesystem identity set to the
+    /// owner, when the root lives in a forked session's mount namespace: its tmpfs belongs to
+    /// the template's user namespace, where host root is unmapped and may not create inodes
+    /// (EOVERFLOW). The thread's filesystem capabilities drop meanwhile, which is all the better.
+    private func asOwner<T>(_ body: () -> T) -> T {
+        guard rootDescriptor != nil else { return body() }
+        sandpiper_set_fs_identity(owner, group)
+        defer { sandpiper_set_fs_identity(0, 0) }
+        return body()
+    }
+
     private func openRoot() -> Int32 {
         if let rootDescriptor {
             return openat(rootDescriptor.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -42,7 +54,7 @@ struct SafeDirectory: Sendable {
         for component in path.components {
             var next = openat(fd, component, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             if next < 0 && errno == ENOENT && create {
-                if mkdirat(fd, component, 0o755) == 0 {
+                if asOwner({ mkdirat(fd, component, 0o755) }) == 0 {
                     fchownat(fd, component, owner, group, AT_SYMLINK_NOFOLLOW)
                 }
                 next = openat(fd, component, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -142,7 +154,7 @@ struct SafeDirectory: Sendable {
         guard !path.isRoot else { throw SandpiperError.invalid("a file name is required", code: "InvalidFilePath") }
         let parent = try openDirectory(path.parent, create: true)
         let temporary = ".sandpiper-upload-" + UUID().uuidString.lowercased()
-        let fd = openat(parent, temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+        let fd = asOwner { openat(parent, temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644) }
         guard fd >= 0 else {
             let saved = errno
             Glibc.close(parent)

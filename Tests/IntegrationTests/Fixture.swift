@@ -43,7 +43,15 @@ final class Fixture: Sendable {
     let stateDirectory: String
     let backend: NamespaceBackend
     let records: InMemorySandboxRecordStore
-    let logger = Logger(label: "integration", factory: { _ in SwiftLogNoOpLogHandler() })
+    /// Warnings and errors of the backend (a fork template falling back to exec, ...) on stderr.
+    let logger = Logger(
+        label: "integration",
+        factory: { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = .warning
+            return handler
+        }
+    )
 
     init(records: InMemorySandboxRecordStore = InMemorySandboxRecordStore(), stateDirectory: String? = nil) throws {
         self.stateDirectory = stateDirectory ?? "/tmp/sandpiper-it-" + UUID().uuidString.prefix(8).lowercased()
@@ -84,7 +92,10 @@ final class Fixture: Sendable {
 
     func launch(_ pool: PoolConfiguration = Fixture.pool()) async throws -> NamespaceSandbox {
         let sandbox = try await backend.launch(SandboxSpec(id: UUID().uuidString.lowercased(), pool: pool))
-        return try #require(sandbox as? NamespaceSandbox)
+        let launched = try #require(sandbox as? NamespaceSandbox)
+        // The forked tier must really fork: a silent fall-back to exec would test the wrong thing.
+        #expect(launched.forked == pool.forks, "forked: \(launched.forked), pool forks: \(pool.forks)")
+        return launched
     }
 
     /// Processes still running as one of this fixture's uids.

@@ -30,4 +30,7 @@ long sandpiper_send_with_fds(int socket, const void *buffer, unsigned long lengt
 
 /// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC). Returns 0 or -1 with errno set.
 int sandpiper_seqpacket_pair(int fds[2]);
+
+/// This thread's filesystem uid and gid (setfsgid, then setfsuid: per thread, unlike setuid).
+void sandpiper_set_fs_identity(uid_t uid, gid_t gid);
 #endif
