@@ -7,7 +7,8 @@ sandbox uids left). Its uids start at 232000 so that other Sandpiper servers on 
 (the lead's, the e2e run's at 237000) are never judged by this suite.
 
 Pools (POOLS below):
-  python         PythonLTS, small limits (256 MiB, 64 pids, 16 MiB /mnt/data and /tmp, 30 s)
+  python         PythonLTS, small limits (256 MiB, 64 pids, 16 MiB /mnt/data and /tmp, 30 s); it
+                 uses the pool's default launch (warm fork from a template since 0704958)
   node           NodeLTS, the same limits
   shell          Shell, the same limits
   python-gvisor  PythonLTS in gVisor (isolation "gvisor"), for the cases where the tier matters
@@ -168,7 +169,11 @@ def server():
         log.close()
         text = Path(log_path).read_text(errors="replace")
         leftover_mounts = mounts_under(data_dir)
-        ours = {int(u) for u in re.findall(r"uid=(\d+)", text)} or set(range(UID_BASE, UID_BASE + 10000))
+        # This server's uids: "uid=N" (each sandbox) and "uids=A...B" (a pool's fork template).
+        ours = {int(u) for u in re.findall(r"\buid=(\d+)", text)}
+        for first, last in re.findall(r"\buids=(\d+)\.\.\.(\d+)", text):
+            ours |= set(range(int(first), int(last) + 1))
+        ours = ours or set(range(UID_BASE, UID_BASE + 10000))
         deadline = time.monotonic() + 10
 
         def ours_left():
