@@ -29,6 +29,10 @@ actor ForkTemplate {
     /// When the last start failed: no new attempt for `retryDelay` (the pool falls back to exec).
     private var failedAt: ContinuousClock.Instant?
     static let retryDelay: Duration = .seconds(30)
+    /// Error codes: no template can run now (the caller falls back to exec); the template
+    /// died under a fork request (the caller retries, which restarts it).
+    static let unavailableCode = "TemplateUnavailable"
+    static let goneCode = "TemplateGone"
     static let forkTimeoutMilliseconds: Int32 = 10_000
 
     private struct Running {
@@ -56,7 +60,7 @@ actor ForkTemplate {
         cgroupProcs: [String],
         fds: [Int32]
     ) throws(SandpiperError) -> pid_t {
-        guard let running else { throw SandpiperError(.unavailable, code: "TemplateUnavailable", "no template") }
+        guard let running else { throw SandpiperError(.unavailable, code: Self.unavailableCode, "no template") }
         let go = try Pipe()
         defer {
             close(go.read)
@@ -109,12 +113,15 @@ actor ForkTemplate {
     /// A host uid for a new session, with its number inside the template's user namespace.
     func claimUID() async throws -> (host: UInt32, inside: UInt32, block: UIDBlock) {
         if running == nil { try await start() }
-        guard let running else { throw SandpiperError(.unavailable, code: "TemplateUnavailable", "no template") }
+        guard let running else { throw SandpiperError(.unavailable, code: Self.unavailableCode, "no template") }
         guard let inside = running.uids.claim() else {
             throw SandpiperError(.unavailable, "every uid of the pool's template is in use")
         }
         return (running.uids.base + inside, inside, running.uids)
     }
+
+    /// The template's own sandbox id (its cgroups and record), while it runs.
+    var sandboxID: String? { running?.id }
 
     /// True when the template runs or may be started now.
     var available: Bool {
@@ -128,7 +135,7 @@ actor ForkTemplate {
     /// Starts the template, once: concurrent callers wait for the same start.
     private func start() async throws {
         if let failedAt, ContinuousClock.now - failedAt < Self.retryDelay {
-            throw SandpiperError(.unavailable, code: "TemplateUnavailable", "the template failed to start recently")
+            throw SandpiperError(.unavailable, code: Self.unavailableCode, "the template failed to start recently")
         }
         let task: Task<Running, any Error>
         if let starting {
@@ -170,7 +177,7 @@ actor ForkTemplate {
     private func templateDied(_ what: String) -> SandpiperError {
         let said = running?.stderrTail.text ?? ""
         logger.error("the fork template died; it restarts on the next session", metadata: ["said": "\(said.suffix(500))"])
-        let error = SandpiperError(.unavailable, code: "SandboxStartFailed", "\(what): the pool's template is gone")
+        let error = SandpiperError(.unavailable, code: Self.goneCode, "\(what): the pool's template is gone")
         if let running {
             self.running = nil
             close(running.control)
@@ -269,7 +276,8 @@ actor ForkTemplate {
             close(ready.read)
             close(go.write)
             openFDs = [pair[0]]
-            let timeout = Int32(clamping: backend.configuration.startupTimeout.components.seconds * 1000)
+            let limit = backend.configuration.templateStartupTimeout.components
+            let timeout = Int32(clamping: limit.seconds * 1000 + limit.attoseconds / 1_000_000_000_000_000)
             let hello = try readMessage(pair[0], timeout: timeout, tail: stderrTail)
             guard case .object(let fields) = hello, fields["type"] == .string("ready") else {
                 throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template said \(hello)")

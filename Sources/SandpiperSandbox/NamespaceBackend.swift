@@ -26,6 +26,9 @@ public final class NamespaceBackend: SandboxBackend {
         /// gVisor's runtime, for pools with `isolation: gvisor`.
         public var runsc: String
         public var startupTimeout: Duration
+        /// How long a pool's fork template may take to import and warm up; past it the pool
+        /// starts its sessions with exec (and tries the template again 30 s later).
+        public var templateStartupTimeout: Duration
         /// Send the agents' own stderr to the server's (for debugging the agents).
         public var inheritAgentStderr: Bool
 
@@ -39,6 +42,7 @@ public final class NamespaceBackend: SandboxBackend {
             slirp4netns: String = "/usr/bin/slirp4netns",
             runsc: String = "/usr/bin/runsc",
             startupTimeout: Duration = .seconds(60),
+            templateStartupTimeout: Duration = .seconds(60),
             inheritAgentStderr: Bool = false
         ) {
             self.stateDirectory = stateDirectory
@@ -50,6 +54,7 @@ public final class NamespaceBackend: SandboxBackend {
             self.slirp4netns = slirp4netns
             self.runsc = runsc
             self.startupTimeout = startupTimeout
+            self.templateStartupTimeout = templateStartupTimeout
             self.inheritAgentStderr = inheritAgentStderr
         }
     }
@@ -332,14 +337,18 @@ public final class NamespaceBackend: SandboxBackend {
     public func launch(_ spec: SandboxSpec) async throws -> any Sandbox {
         if spec.pool.forks {
             let template = template(for: spec.pool)
-            if await template.available {
+            // A template found dead is restarted once, for this very launch.
+            for attempt in 0..<2 where await template.available {
                 do {
                     return try await NamespaceSandbox.launchForked(spec: spec, backend: self, template: template)
-                } catch let error as SandpiperError where error.code == "TemplateUnavailable" {
+                } catch let error as SandpiperError where error.code == ForkTemplate.goneCode && attempt == 0 {
+                    continue
+                } catch let error as SandpiperError where error.code == ForkTemplate.unavailableCode {
                     logger.warning(
                         "fork template unavailable; starting this session with exec",
                         metadata: ["pool": "\(spec.pool.name)", "error": "\(error.message)"]
                     )
+                    break
                 }
             }
         }

@@ -24,7 +24,7 @@ extension NamespaceSandbox {
             uid = try await template.claimUID()
         } catch {
             let message = (error as? SandpiperError)?.message ?? "\(error)"
-            throw SandpiperError(.unavailable, code: "TemplateUnavailable", message)
+            throw SandpiperError(.unavailable, code: ForkTemplate.unavailableCode, message)
         }
         let release: @Sendable () -> Void = { [block = uid.block, inside = uid.inside] in block.release(inside: inside) }
         let directory = backend.sessionsDirectory + "/" + id

@@ -399,7 +399,10 @@ final class NamespaceSandbox: Sandbox {
                 timeout: .milliseconds(Int64(request.timeoutSeconds * 1000)) + Self.interruptGrace
             )
         } catch let error as SandpiperError {
-            logger.warning("agent failed; destroying the sandbox", metadata: ["error": "\(error.message)"])
+            logger.warning(
+                "agent failed; destroying the sandbox",
+                metadata: ["error": "\(error.message)", "said": "\(stderrTail.text.suffix(800))"]
+            )
             let outOfMemory = backend.cgroups.oomKills(sandboxID: id) > 0
             await destroy()
             if outOfMemory {

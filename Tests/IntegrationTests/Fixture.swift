@@ -53,7 +53,11 @@ final class Fixture: Sendable {
         }
     )
 
-    init(records: InMemorySandboxRecordStore = InMemorySandboxRecordStore(), stateDirectory: String? = nil) throws {
+    init(
+        records: InMemorySandboxRecordStore = InMemorySandboxRecordStore(),
+        stateDirectory: String? = nil,
+        templateStartupTimeout: Duration = .seconds(60)
+    ) throws {
         self.stateDirectory = stateDirectory ?? "/tmp/sandpiper-it-" + UUID().uuidString.prefix(8).lowercased()
         self.records = records
         let base = UInt32.random(in: 0..<400) * 100 + 300_000
@@ -62,7 +66,8 @@ final class Fixture: Sendable {
                 stateDirectory: self.stateDirectory,
                 pythonRuntime: pythonRuntime,
                 agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
-                uidRange: base...(base + 99)
+                uidRange: base...(base + 99),
+                templateStartupTimeout: templateStartupTimeout
             ),
             records: records,
             logger: logger
@@ -173,8 +178,11 @@ extension Sandbox {
 }
 
 /// Runs `body` with a fresh fixture and always tears it down.
-func withFixture(_ body: (Fixture) async throws -> Void) async throws {
-    let fixture = try Fixture()
+func withFixture(
+    templateStartupTimeout: Duration = .seconds(60),
+    _ body: (Fixture) async throws -> Void
+) async throws {
+    let fixture = try Fixture(templateStartupTimeout: templateStartupTimeout)
     do {
         try await body(fixture)
     } catch {

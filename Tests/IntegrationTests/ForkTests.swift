@@ -1,0 +1,154 @@
+import Foundation
+import SandpiperCore
+import Testing
+
+@testable import SandpiperSandbox
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// What forking adds to the isolation suites (which run on the forked tier too): siblings and
+/// their template are out of each other's reach, each session is seeded anew, a dead template
+/// is replaced, and a template that cannot start leaves the pool on exec.
+@Suite("Warm-fork sessions (real template)", .enabled(if: integrationEnabled), .serialized)
+struct ForkTests {
+    static let probe = """
+        import json, os, random, numpy
+        processes = [p for p in os.listdir('/proc') if p.isdigit()]
+        visible = sorted(int(t) for p in processes for t in os.listdir('/proc/%s/task' % p))
+        reachable, refused = [], []
+        for pid in range(1, 4097):
+            try:
+                os.kill(pid, 0)
+                reachable.append(pid)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                refused.append(pid)
+        open('/tmp/mine-' + str(os.getuid()), 'w').write('x')
+        json.dumps({
+            'processes': len(processes), 'visible': visible, 'reachable': reachable, 'refused': refused,
+            'ns': {n: os.readlink('/proc/self/ns/' + n) for n in ('pid', 'mnt', 'net', 'ipc', 'uts', 'user')},
+            'uid': os.getuid(), 'random': random.random(), 'numpy': float(numpy.random.rand()),
+            'urandom': os.urandom(8).hex(), 'tmp': sorted(os.listdir('/tmp')),
+        })
+        """
+
+    struct Probe: Decodable {
+        let processes: Int
+        let visible: [Int32]
+        let reachable: [Int32]
+        let refused: [Int32]
+        let ns: [String: String]
+        let uid: UInt32
+        let random: Double
+        let numpy: Double
+        let urandom: String
+        let tmp: [String]
+    }
+
+    static func probe(_ sandbox: NamespaceSandbox) async throws -> Probe {
+        let outcome = try await sandbox.run(probe)
+        let text = try #require(outcome.result.stringValue, "\(outcome)")
+        return try JSONDecoder().decode(Probe.self, from: Data(text.utf8))
+    }
+
+    @Test("Forked siblings cannot see or signal each other or their template, and are seeded anew")
+    func siblings() async throws {
+        try await withFixture { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let first = try await fixture.launch(pool)
+            let second = try await fixture.launch(pool)
+            let a = try await Self.probe(first)
+            let b = try await Self.probe(second)
+            for probe in [a, b] {
+                // Only its own processes exist for it: nothing else can even be named, let alone signalled.
+                #expect(probe.refused.isEmpty, "processes of others are visible: \(probe.refused)")
+                #expect(Set(probe.reachable).isSubset(of: Set(probe.visible)))
+                #expect(probe.visible.count <= 8, "threads of its init and agent only: \(probe.visible)")
+                #expect(probe.uid != 0)
+                #expect(probe.processes == 2, "an init and the agent, nothing else: \(probe.processes)")
+            }
+            #expect(a.uid != b.uid, "siblings share a uid")
+            #expect(first.uid != second.uid)
+            for name in ["pid", "mnt", "net", "ipc", "uts"] {
+                #expect(a.ns[name] != b.ns[name], "siblings share a \(name) namespace")
+            }
+            #expect(a.random != b.random && a.numpy != b.numpy && a.urandom != b.urandom, "siblings replay randomness")
+            #expect(!b.tmp.contains("mine-\(a.uid)"), "one sibling sees the other's /tmp")
+
+            // Neither shares a namespace with its template, whose processes are the host's to see.
+            let template = fixture.backend.template(for: pool)
+            let templateID = try #require(await template.sandboxID)
+            let templatePIDs = fixture.backend.cgroups.pids(sandboxID: templateID)
+            #expect(!templatePIDs.isEmpty)
+            for pid in templatePIDs {
+                for name in ["pid", "mnt", "net", "ipc", "uts"] {
+                    let theirs = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/\(name)"))
+                    #expect(theirs != a.ns[name] && theirs != b.ns[name], "a session shares \(name) with its template")
+                }
+            }
+            // The session's processes are in its own cgroups, none left in the template's.
+            for sandbox in [first, second] {
+                let own = fixture.backend.cgroups.pids(sandboxID: sandbox.id)
+                #expect(own.count >= 2, "\(own)")
+                #expect(Set(own).isDisjoint(with: Set(templatePIDs)))
+            }
+            await first.destroy()
+            await second.destroy()
+            try await fixture.expectNoTraces(of: first)
+            try await fixture.expectNoTraces(of: second)
+            // The template outlives its sessions and still forks.
+            let third = try await fixture.launch(pool)
+            #expect(try await third.run("6 * 7").result == .integer(42))
+            await third.destroy()
+        }
+    }
+
+    @Test("A template that dies is replaced at the next session; its sessions end with a clear error")
+    func templateRestart() async throws {
+        try await withFixture { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let before = try await fixture.launch(pool)
+            _ = try await before.run("x = 1")
+            let template = fixture.backend.template(for: pool)
+            let dead = try #require(await template.sandboxID)
+            for pid in fixture.backend.cgroups.pids(sandboxID: dead) { kill(pid, SIGKILL) }
+            do {
+                _ = try await before.run("x")
+                Issue.record("a session of a dead template still answered")
+            } catch let error as SandpiperError {
+                #expect(error.kind == .sandboxFailure, "\(error)")
+            }
+            let after = try await fixture.launch(pool)
+            #expect(try await after.run("6 * 7").result == .integer(42))
+            let replacement = try #require(await template.sandboxID)
+            #expect(replacement != dead)
+            await before.destroy()
+            await after.destroy()
+            try await fixture.expectNoTraces(of: before)
+            try await fixture.expectNoTraces(of: after)
+            for dir in fixture.backend.cgroups.directories(for: dead) {
+                #expect(!FileManager.default.fileExists(atPath: dir), "the dead template's cgroup is left: \(dir)")
+            }
+        }
+    }
+
+    @Test("A pool whose template cannot start runs its sessions with exec")
+    func fallback() async throws {
+        try await withFixture(templateStartupTimeout: .milliseconds(1)) { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let sandbox = try await fixture.backend.launch(SandboxSpec(id: UUID().uuidString.lowercased(), pool: pool))
+            let launched = try #require(sandbox as? NamespaceSandbox)
+            #expect(!launched.forked)
+            #expect(try await launched.run("6 * 7").result == .integer(42))
+            #expect(await fixture.backend.template(for: pool).sandboxID == nil)
+            // The template that timed out left nothing: no cgroup, no record.
+            #expect(fixture.backend.cgroups.leftoverSandboxIDs().allSatisfy { !$0.hasPrefix("tpl-") })
+            #expect(try await fixture.records.records(backend: NamespaceBackend.name).allSatisfy { !$0.id.hasPrefix("tpl-") })
+            await launched.destroy()
+            try await fixture.expectNoTraces(of: launched)
+        }
+    }
+}
