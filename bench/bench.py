@@ -2,6 +2,7 @@
 """Sandpiper benchmark: starts the real server and prints a markdown table.
 
     python3 bench/bench.py [--quick] [--bin PATH] [--json out.json] [--no-jupyter] [--no-tiers]
+                           [--no-fork] [--capacity N] (more: --help)
 
 Measures, against one pool (`bench`, readySessionInstances = --ready):
   1. warm `1+1` over HTTP on one existing session: p50/p90/p99, and throughput with 4
@@ -33,6 +34,28 @@ tier, printed as a second table:
      everything in the sandbox's memory cgroup, since gVisor's sentry and gofer run as root.
 Without /usr/bin/runsc the gvisor column says "n/a (runsc not installed)".
 
+Warm fork vs exec (issue 7's targets; skip with --no-fork), printed as its own table beside the
+Jupyter baselines. Servers one after the other, each with one PythonLTS pool (uids from --uid-base,
+moved past ranges other servers hold):
+  fork (launch fork, readySessionInstances --fork-ready, maxConcurrentSessions --capacity + 20):
+  1. refill: drain the pool (--drain-threads clients) and time the "sandbox ready" lines until it
+     is full again: sessions made ready per second (target >= 100/s);
+  2. new identifier -> first `1+1`, pool full before each: p50/p99 (target p50 <= 5 ms);
+  4. --fork-idle sessions that ran `import pandas`: USS (Private_Clean + Private_Dirty) and PSS of
+     each session's processes (by its sandbox uid, from the "sandbox ready" line), MemAvailable
+     delta (target USS <= 10 MB); then more such sessions up to --capacity while MemAvailable is
+     sampled (stops under --capacity-floor-mib, on a failed call or after --capacity-budget s);
+  5. warm `1+1` on one session: p50/p99 (target p50 <= 2 ms);
+  6. new identifier -> a cell that builds a DataFrame and returns a plot (PNG): p50/p99;
+  fork burst (launch fork, readySessionInstances --burst-ready):
+  3. --burst new identifiers at once from --burst-threads clients: errors, p50/p99 (target: all
+     served, p99 <= 1 s);
+  exec (launch exec, readySessionInstances --exec-ready; skip with --no-exec): 1-6 with smaller
+     counts (--exec-n, --exec-idle, --exec-burst; no capacity run: extrapolated from its memory).
+Baselines beside them: jupyter_client kernel start (refill), a new JKG kernel -> first result and
+-> the plot cell, the jupyter_client kernel's USS after `import pandas`, JKG/ZMQ warm `1+1`.
+The load average is printed with the results (other jobs on the machine skew every figure).
+
 Stdlib only (http.client keep-alive connections, threading, statistics): runs with any python3.
 Needs root, like the server. Cleans up (server SIGTERM, gateway, temp dirs) even on Ctrl-C.
 """
@@ -56,7 +79,8 @@ import uuid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_VERSION = "2024-02-02-preview"
 UID_BASE = 238000  # not the default 230000, which other servers on the machine use
-SANDBOX_UIDS = range(UID_BASE, UID_BASE + 10000)
+UID_WIDTH = 10000  # every server claims this many uids from its base (UIDRangeLock.width)
+FORK_UID_BASE = 240000  # the launch-mode servers (fork, then exec), one after the other
 DEFAULT_RUNTIME = "/var/lib/sandpiper/runtimes/python"
 DEFAULT_BENCH_VENV = "/var/lib/sandpiper/bench-venv"
 RUNSC = "/usr/bin/runsc"
@@ -66,7 +90,12 @@ LISTDIR_CELL = "import os\nfor _ in range(%d): os.listdir('/usr/bin')"
 IMPORT_MODULES = ["sqlite3", "json", "csv", "email", "xml.dom.minidom", "http.client"]
 IMPORTS_CELL = "import importlib, sys; [importlib.import_module(m) for m in %r]" % IMPORT_MODULES
 # key=value metadata of the server's log lines (swift-log StreamLogHandler: `... : k=v k=v [source] message`)
-LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier)=([^\s\]]+)")
+LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier|forked)=([^\s\]]+)")
+# The cell of the "time to first result" row: a DataFrame and a plot (answers a PNG image).
+PLOT_CELL = ("import pandas as pd, matplotlib.pyplot as plt\n"
+             "df = pd.DataFrame({'x': range(100), 'y': [i*i for i in range(100)]})\n"
+             "df.plot(x='x', y='y')\n"
+             "plt.show()")
 
 
 def log(msg):
@@ -129,7 +158,7 @@ def descendants(root):
     return found
 
 
-def sandbox_pss_kib(server_pid):
+def sandbox_pss_kib(server_pid, uids):
     """Sum of PSS over this server's sandbox processes (shared pages split between sharers);
     other servers' sandboxes on the machine are not counted."""
     total = 0
@@ -139,7 +168,7 @@ def sandbox_pss_kib(server_pid):
                 uid = int(next(row for row in f if row.startswith("Uid:")).split()[1])
         except (OSError, StopIteration, ValueError):
             continue
-        if uid not in SANDBOX_UIDS:
+        if uid not in uids:
             continue
         try:
             with open("/proc/%d/smaps_rollup" % pid) as f:
@@ -150,6 +179,93 @@ def sandbox_pss_kib(server_pid):
         except OSError:
             pass
     return total
+
+
+def held_uid_bases():
+    """Bases of the uid ranges other Sandpiper servers hold now: the /run/sandpiper/uids-<base>.lock
+    files with an flock on them (from /proc/locks; nothing is locked or unlocked here)."""
+    directory = "/run/sandpiper"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    held_inodes = set()
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK":
+                    held_inodes.add(int(fields[5].rsplit(":", 1)[1]))
+    except (OSError, ValueError, IndexError):
+        return []
+    bases = []
+    for name in names:
+        m = re.fullmatch(r"uids-(\d+)\.lock", name)
+        if not m:
+            continue
+        try:
+            if os.stat(os.path.join(directory, name)).st_ino in held_inodes:
+                bases.append(int(m.group(1)))
+        except OSError:
+            pass
+    return bases
+
+
+def pick_uid_base(preferred):
+    """`preferred`, or the next base (in steps of 1000) whose 10,000 uids overlap no range another
+    server holds: the server's lock guards its exact base only, so an overlapping range would hand
+    the same uids to two servers' sandboxes."""
+    held = held_uid_bases()
+    base, first = preferred, None
+    for _ in range(400):
+        clash = [b for b in held if b < base + UID_WIDTH and base < b + UID_WIDTH]
+        if not clash:
+            if base != preferred:
+                log("uids %d-%d overlap a running server's (base %s); using %d" % (
+                    preferred, preferred + UID_WIDTH - 1, first, base))
+            return base
+        first = first if first is not None else min(clash)
+        base = max(clash) + UID_WIDTH
+    return preferred
+
+
+def memory_by_uid(uids):
+    """uid -> {"uss", "pss", "rss" (KiB), "procs"} over every live process of those uids, from
+    /proc/<pid>/smaps_rollup. USS = Private_Clean + Private_Dirty (pages no other process maps)."""
+    uids = set(uids)
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/status" % name) as f:
+                uid = int(next(row for row in f if row.startswith("Uid:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            continue
+        if uid not in uids:
+            continue
+        fields = {}
+        try:
+            with open("/proc/%s/smaps_rollup" % name) as f:
+                for row in f:
+                    parts = row.split()
+                    if len(parts) >= 2 and parts[0].endswith(":"):
+                        try:
+                            fields[parts[0][:-1]] = int(parts[1])
+                        except ValueError:
+                            pass
+        except OSError:
+            continue
+        m = out.setdefault(uid, {"uss": 0, "pss": 0, "rss": 0, "procs": 0})
+        m["uss"] += fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        m["pss"] += fields.get("Pss", 0)
+        m["rss"] += fields.get("Rss", 0)
+        m["procs"] += 1
+    return out
+
+
+def loadavg():
+    return tuple(round(x, 2) for x in os.getloadavg())
 
 
 def process_children():
@@ -279,7 +395,12 @@ class Server:
             pools = [{"name": "bench", "readySessionInstances": ready, "maxConcurrentSessions": max_sessions,
                       "cooldownPeriodInSeconds": 3600}]
         self.pool = pools[0]["name"]
+        uid_base = pick_uid_base(uid_base)
+        self.uid_base = uid_base
+        self.uids = range(uid_base, uid_base + UID_WIDTH)
         self.ready_target = ready
+        self.sandbox_uid = {}  # sandbox id -> host uid, from "sandbox ready"
+        self.forked = 0  # "sandbox ready" lines with forked=true
         self.ready_times = []
         self.allocated_times = []
         self.events = []  # (arrival, message, metadata) of ready / allocated / request-path lines
@@ -336,6 +457,10 @@ class Server:
                         self.events.append((now, "ready", meta))
                         if "sandbox" in meta and "pid" in meta:
                             self.sandbox_pid[meta["sandbox"]] = int(meta["pid"])
+                        if "sandbox" in meta and "uid" in meta:
+                            self.sandbox_uid[meta["sandbox"]] = int(meta["uid"])
+                        if meta.get("forked") == "true":
+                            self.forked += 1
                         self.cond.notify_all()
                 elif b"session allocated" in line:
                     meta = self._meta(line)
@@ -365,6 +490,26 @@ class Server:
                 if left <= 0:
                     return sandbox, None
                 self.cond.wait(min(left, 0.5))
+
+    def session_uids(self, identifiers, timeout=10):
+        """identifier -> host uid of its sandbox, for those whose log lines arrived in time."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = {}
+                for ident in identifiers:
+                    sandbox = self.session_sandbox.get(ident)
+                    if sandbox is not None and sandbox in self.sandbox_uid:
+                        found[ident] = self.sandbox_uid[sandbox]
+                left = deadline - time.monotonic()
+                if len(found) == len(identifiers) or left <= 0:
+                    return found
+                self.cond.wait(min(left, 0.5))
+
+    def launch_events(self):
+        """How many "starting one on the request path" lines arrived so far."""
+        with self.cond:
+            return sum(1 for _, kind, _ in self.events if kind == "launch")
 
     def launch_seconds(self, pool, sandbox):
         """Server-side launch time of a sandbox started on the request path: its pool's last
@@ -398,13 +543,13 @@ class Server:
                     raise RuntimeError("pool not full after %d s:\n%s" % (timeout, self.log_tail()))
                 self.cond.wait(min(left, 0.5))
 
-    def stop(self):
+    def stop(self, timeout=60):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log("sandpiper did not exit 60 s after SIGTERM; killing it")
+                log("sandpiper did not exit %d s after SIGTERM; killing it" % timeout)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.reader.join(5)
@@ -453,6 +598,11 @@ class Client:
         status, data = self.request("POST", self._path("files/upload", identifier), body, headers)
         if status != 200:
             raise RuntimeError("upload -> %s %s" % (status, data[:300]))
+
+    def delete_session(self, identifier):
+        status, data = self.request("DELETE", self._path("session", identifier), None,
+                                    {"Authorization": self.headers["Authorization"]})
+        return status
 
     def download(self, identifier, name):
         status, data = self.request("GET", self._path("files/content/" + name, identifier), None,
@@ -579,7 +729,7 @@ def measure_memory(server, n):
     server.wait_pool_full()
     time.sleep(1.5)
     before = statistics.fmean(mem_available_kib() for _ in range(3))
-    pss_before = sandbox_pss_kib(server.proc.pid)
+    pss_before = sandbox_pss_kib(server.proc.pid, server.uids)
     client = Client(server)
     for _ in range(n):
         client.execute(new_id("idle"), "x = 1")
@@ -587,7 +737,7 @@ def measure_memory(server, n):
     server.wait_pool_full(timeout=240)
     time.sleep(2.0)
     after = statistics.fmean(mem_available_kib() for _ in range(3))
-    pss_after = sandbox_pss_kib(server.proc.pid)
+    pss_after = sandbox_pss_kib(server.proc.pid, server.uids)
     return {"sessions": n, "mem_available_delta_mib": (before - after) / 1024.0,
             "per_session_mib": (before - after) / 1024.0 / n, "pss_per_session_mib": (pss_after - pss_before) / 1024.0 / n}
 
@@ -610,6 +760,378 @@ def measure_files(server, size, rounds):
     mib = size / 1048576.0
     return {"size_bytes": size, "upload_p50_ms": ms(pct(up, 50)), "download_p50_ms": ms(pct(down, 50)),
             "upload_mib_s": mib / pct(up, 50), "download_mib_s": mib / pct(down, 50)}
+
+
+# -- warm fork vs exec: one server per launch mode ------------------------------------------------
+
+
+def guarded(name, fn, *a, **kw):
+    """fn(*a, **kw), or {"error": ...} when it fails: one failed figure keeps the others."""
+    t = time.monotonic()
+    try:
+        out = fn(*a, **kw)
+        log("  %s done in %.1f s" % (name, time.monotonic() - t))
+        return out
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        log("  %s failed: %r" % (name, e))
+        return {"error": "%s: %s" % (type(e).__name__, str(e)[:300])}
+
+
+def delete_sessions(server, identifiers, threads=4):
+    """DELETE session for each identifier (keeps the pool's session count and memory low between
+    measurements); returns how many were not answered 204."""
+    identifiers = list(identifiers)
+    failed = [0]
+    lock = threading.Lock()
+
+    def worker():
+        c = Client(server)
+        try:
+            while True:
+                with lock:
+                    if not identifiers:
+                        return
+                    ident = identifiers.pop()
+                try:
+                    ok = c.delete_session(ident) in (200, 204)
+                except Exception:  # noqa: BLE001
+                    ok = False
+                if not ok:
+                    with lock:
+                        failed[0] += 1
+        finally:
+            c.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return failed[0]
+
+
+def timed_new_sessions(server, identifiers, threads, code="1+1", deadline=None, check=None):
+    """Runs `code` once for each new identifier from `threads` client threads started together.
+    Returns (latencies of the successes, errors as (identifier, what), wall seconds, why it stopped
+    early or None, identifiers served). Stops taking new identifiers past `deadline` (monotonic) or
+    once `check(successes, errors)` returns a reason."""
+    todo = list(reversed(identifiers))
+    lock = threading.Lock()
+    latencies, errors, served = [], [], []
+    stop = []
+    go = threading.Event()
+
+    def worker():
+        c = Client(server)
+        go.wait()
+        try:
+            while True:
+                with lock:
+                    if not todo or stop:
+                        return
+                    ident = todo.pop()
+                t = time.perf_counter()
+                try:
+                    status, data = c.request("POST", c._path("code/execute", ident), json.dumps(
+                        {"properties": {"codeInputType": "inline", "executionType": "synchronous",
+                                        "code": code}}).encode())
+                    took = time.perf_counter() - t
+                    what = None
+                    if status != 200:
+                        what = "HTTP %s %s" % (status, data[:160].decode(errors="replace"))
+                    elif json.loads(data)["properties"]["status"] != "Success":
+                        what = "Failure %s" % data[:160].decode(errors="replace")
+                except Exception as e:  # noqa: BLE001 - counted
+                    took, what = time.perf_counter() - t, repr(e)[:200]
+                    c.close()
+                    c = Client(server)
+                with lock:
+                    if what is None:
+                        latencies.append(took)
+                        served.append(ident)
+                    else:
+                        errors.append((ident, what))
+                    if deadline is not None and time.monotonic() > deadline and not stop:
+                        stop.append("time budget")
+                    if check is not None and not stop:
+                        reason = check(len(latencies), len(errors))
+                        if reason:
+                            stop.append(reason)
+        finally:
+            c.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(max(1, threads))]
+    for th in pool:
+        th.start()
+    t0 = time.perf_counter()
+    go.set()
+    for th in pool:
+        th.join()
+    return latencies, errors, time.perf_counter() - t0, (stop[0] if stop else None), served
+
+
+def mode_warm(server, n):
+    """Warm `1+1` over HTTP keep-alive on one session of the pool."""
+    client = Client(server)
+    ident = new_id("warm")
+    client.execute(ident, "x = 1")
+    server.wait_pool_full(timeout=600)
+    time.sleep(0.5)
+    for _ in range(20):
+        client.execute(ident, "1+1")
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        props = client.execute(ident, "1+1")
+        samples.append(time.perf_counter() - t)
+        assert props["result"] == 2, props
+    client.delete_session(ident)
+    client.close()
+    return summary(samples)
+
+
+def mode_new_identifier(server, n, code, expect_image=False):
+    """New identifier -> first result, the pool full before each call (sequential)."""
+    client = Client(server)
+    samples, idents = [], []
+    for _ in range(n):
+        server.wait_pool_full(timeout=600)
+        time.sleep(0.2)
+        ident = new_id("new")
+        t = time.perf_counter()
+        props = client.execute(ident, code)
+        samples.append(time.perf_counter() - t)
+        idents.append(ident)
+        if expect_image:
+            result = props.get("result")
+            assert isinstance(result, dict) and result.get("type") == "image" and result.get("base64_data"), \
+                "no image: %s" % str(props)[:300]
+        else:
+            assert props["result"] == 2, props
+    client.close()
+    delete_sessions(server, idents)
+    out = summary(samples)
+    out["samples_ms"] = [ms(x) for x in samples]
+    return out
+
+
+def mode_refill(server, threads):
+    """Drains the full pool (readySessionInstances new identifiers from `threads` clients) and
+    times the server's "sandbox ready" lines until the pool is full again."""
+    server.wait_pool_full(timeout=600)
+    time.sleep(1.0)
+    burst = server.ready_target
+    with server.cond:
+        before_ready = len(server.ready_times)
+        before_alloc = len(server.allocated_times)
+    launches_before = server.launch_events()
+    idents = [new_id("drain") for _ in range(burst)]
+    t0 = time.monotonic()
+    lat, errors, wall, _, _ = timed_new_sessions(server, idents, threads)
+    if errors:
+        raise RuntimeError("drain failed (%d errors): %s" % (len(errors), errors[:2]))
+    server.wait_pool_full(timeout=900)
+    with server.cond:
+        times = server.ready_times[before_ready:before_ready + burst]
+        first_alloc = server.allocated_times[before_alloc] if len(server.allocated_times) > before_alloc else t0
+    request_path = server.launch_events() - launches_before
+    delete_sessions(server, idents)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    full = times[-1] - t0
+    return {"burst": burst, "threads": threads, "drain_seconds": wall, "first_ready_seconds": times[0] - t0,
+            "full_seconds": full, "sessions_per_second": burst / full,
+            "from_first_allocation_per_second": burst / max(1e-9, times[-1] - first_alloc),
+            "steady_per_second": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
+            "gap_p50_ms": ms(pct(gaps, 50)) if gaps else float("nan"), "request_path_launches": request_path,
+            "drain_latency": summary(lat)}
+
+
+def mode_burst(server, n, threads):
+    """`n` new identifiers at once from `threads` clients against a full pool of
+    readySessionInstances: every one must be served."""
+    server.wait_pool_full(timeout=900)
+    time.sleep(1.0)
+    launches_before = server.launch_events()
+    idents = [new_id("burst") for _ in range(n)]
+    lat, errors, wall, _, _ = timed_new_sessions(server, idents, threads)
+    request_path = server.launch_events() - launches_before
+    out = summary(lat) if lat else {"n": 0}
+    out.update({"requests": n, "threads": threads, "ready": server.ready_target, "errors": len(errors),
+                "error_samples": [what for _, what in errors[:5]], "wall_seconds": wall,
+                "max_ms": ms(max(lat)) if lat else float("nan"), "request_path_launches": request_path})
+    try:
+        server.wait_pool_full(timeout=300)
+    except RuntimeError:
+        pass
+    delete_sessions(server, idents)
+    return out
+
+
+def session_memory(server, identifiers):
+    """Per-session USS / PSS / RSS (KiB) of the given sessions, by their sandbox uid."""
+    uids = server.session_uids(identifiers)
+    mem = memory_by_uid(uids.values())
+    rows = [mem[u] for u in uids.values() if u in mem]
+    return rows, len(identifiers) - len(rows)
+
+
+def mode_memory(server, n, settle):
+    """`n` new sessions that each ran `import pandas`, kept idle: USS and PSS of each session's
+    processes, and MemAvailable before/after (the pool full both times). Returns the results and
+    the identifiers (still alive, for the capacity run)."""
+    server.wait_pool_full(timeout=600)
+    time.sleep(1.0)
+    before = settle_mem_available(settle)
+    client = Client(server)
+    idents = []
+    for _ in range(n):
+        ident = new_id("idle")
+        client.execute(ident, "import pandas")
+        idents.append(ident)
+    client.close()
+    server.wait_pool_full(timeout=600)
+    after = settle_mem_available(settle)
+    rows, missing = session_memory(server, idents)
+    out = {"sessions": n, "mem_available_before_kib": before, "mem_available_after_kib": after,
+           "mem_available_per_session_mib": (before - after) / 1024.0 / n,
+           "uss_per_session_mib": statistics.fmean(r["uss"] for r in rows) / 1024.0 if rows else None,
+           "uss_max_mib": max(r["uss"] for r in rows) / 1024.0 if rows else None,
+           "pss_per_session_mib": statistics.fmean(r["pss"] for r in rows) / 1024.0 if rows else None,
+           "rss_per_session_mib": statistics.fmean(r["rss"] for r in rows) / 1024.0 if rows else None,
+           "processes_per_session": statistics.fmean(r["procs"] for r in rows) if rows else None,
+           "sessions_not_found": missing}
+    return out, idents, before
+
+
+def mode_capacity(server, target, idents, mem_before, floor_mib, budget, threads, settle):
+    """Keeps creating idle sessions (`import pandas` each) until `target` are alive, MemAvailable
+    drops under `floor_mib`, a call fails, or `budget` seconds pass; MemAvailable is sampled on
+    the way. `idents` (alive already) count towards the target."""
+    alive = list(idents)
+    samples = [(len(alive), mem_available_kib(), 0.0)]
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    stop_reason = None
+    errors = []
+    step = 25 if target >= 100 else 5
+    while len(alive) < target and stop_reason is None:
+        chunk = [new_id("cap") for _ in range(min(step, target - len(alive)))]
+
+        def check(ok, failed):
+            if mem_available_kib() < floor_mib * 1024:
+                return "MemAvailable under %d MiB" % floor_mib
+            return None
+
+        lat, errs, _, why, ok_idents = timed_new_sessions(server, chunk, threads, code="import pandas",
+                                                          deadline=deadline, check=check)
+        alive += ok_idents
+        samples.append((len(alive), mem_available_kib(), time.monotonic() - t0))
+        if errs:
+            errors += [what for _, what in errs]
+            stop_reason = "a call failed: %s" % errs[0][1]
+        elif why:
+            stop_reason = why
+    created_seconds = time.monotonic() - t0
+    try:
+        server.wait_pool_full(timeout=300)
+    except RuntimeError:
+        pass
+    after = settle_mem_available(settle)
+    rows, missing = session_memory(server, alive)
+    uss = sorted(r["uss"] for r in rows)
+    return {"target": target, "sessions": len(alive), "stop_reason": stop_reason or "reached the target",
+            "errors": len(errors), "error_samples": errors[:3], "seconds": created_seconds,
+            "mem_available_before_mib": mem_before / 1024.0, "mem_available_after_mib": after / 1024.0,
+            "mem_available_per_session_mib": (mem_before - after) / 1024.0 / max(1, len(alive)),
+            "uss_p50_mib": pct(uss, 50) / 1024.0 if uss else None,
+            "uss_mean_mib": statistics.fmean(uss) / 1024.0 if uss else None,
+            "pss_mean_mib": statistics.fmean(r["pss"] for r in rows) / 1024.0 if rows else None,
+            "sessions_not_found": missing,
+            "samples": [{"sessions": c, "mem_available_mib": m / 1024.0, "seconds": s} for c, m, s in samples]}
+
+
+def run_mode_server(binary, runtime, workdir, name, launch, ready, max_sessions, uid_base, steps, stop_timeout=120):
+    """Starts a server with one PythonLTS pool `name` (launch mode, readySessionInstances), runs
+    `steps(server, out)` and stops it. Returns out (with the initial fill and the forked count)."""
+    sub = os.path.join(workdir, name)
+    os.makedirs(sub, exist_ok=True)
+    os.chmod(sub, 0o711)
+    pools = [{"name": name, "type": "PythonLTS", "launch": launch, "readySessionInstances": ready,
+              "maxConcurrentSessions": max_sessions, "cooldownPeriodInSeconds": 3600}]
+    out = {"launch": launch, "ready": ready, "max_sessions": max_sessions, "load_start": loadavg()}
+    server = Server(binary, runtime, ready, max_sessions, sub, pools=pools, uid_base=uid_base)
+    out["uid_base"] = server.uid_base
+    try:
+        t = time.monotonic()
+        server.wait_pool_full(timeout=900)
+        out["initial_fill_seconds"] = time.monotonic() - t
+        log("  pool %s (%s): %d ready after %.1f s" % (name, launch, ready, out["initial_fill_seconds"]))
+        steps(server, out)
+    finally:
+        with server.cond:
+            out["sandboxes_ready"] = len(server.ready_times)
+            out["sandboxes_forked"] = server.forked
+        out["load_end"] = loadavg()
+        t = time.monotonic()
+        server.stop(stop_timeout)
+        out["stop_seconds"] = time.monotonic() - t
+    return out
+
+
+def measure_launch_modes(binary, runtime, args, workdir):
+    """The "warm fork vs exec" section: a fork server (refill, new identifier, plot, warm 1+1,
+    memory, capacity), a fork server with a small pool (drained burst), an exec server (the same
+    figures, smaller counts)."""
+    results = {"load_start": loadavg()}
+    cap = max(args.capacity, args.fork_idle)
+
+    def fork_steps(server, out):
+        out["warm"] = guarded("fork warm 1+1", mode_warm, server, args.n)
+        out["new_identifier"] = guarded("fork new identifier", mode_new_identifier, server, args.fork_n, "1+1")
+        out["plot"] = guarded("fork plot", mode_new_identifier, server, args.plot_n, PLOT_CELL, True)
+        out["refill"] = guarded("fork refill", mode_refill, server, args.drain_threads)
+        got = guarded("fork memory", mode_memory, server, args.fork_idle, args.settle)
+        if isinstance(got, dict):
+            out["memory"] = got
+            return
+        out["memory"], idents, before = got
+        if args.capacity > 0:
+            log("  capacity: up to %d idle sessions (floor %d MiB, %d s budget)"
+                % (args.capacity, args.capacity_floor_mib, args.capacity_budget))
+            out["capacity"] = guarded("fork capacity", mode_capacity, server, args.capacity, idents, before,
+                                      args.capacity_floor_mib, args.capacity_budget, args.capacity_threads,
+                                      args.settle)
+
+    def burst_steps(server, out):
+        out["burst"] = guarded("fork burst", mode_burst, server, args.burst, args.burst_threads)
+
+    def exec_steps(server, out):
+        out["warm"] = guarded("exec warm 1+1", mode_warm, server, args.n)
+        out["new_identifier"] = guarded("exec new identifier", mode_new_identifier, server, args.exec_n, "1+1")
+        out["plot"] = guarded("exec plot", mode_new_identifier, server, args.plot_n, PLOT_CELL, True)
+        out["refill"] = guarded("exec refill", mode_refill, server, args.drain_threads)
+        got = guarded("exec memory", mode_memory, server, args.exec_idle, args.settle)
+        out["memory"] = got if isinstance(got, dict) else got[0]
+        if not isinstance(got, dict):
+            delete_sessions(server, got[1])
+        out["burst"] = guarded("exec burst", mode_burst, server, args.exec_burst, args.burst_threads)
+
+    uid_base = args.uid_base
+    log("launch modes: fork server (pool fork, %d ready, max %d sessions)" % (args.fork_ready, cap + 20))
+    results["fork"] = guarded("fork server", run_mode_server, binary, runtime, workdir, "fork", "fork",
+                              args.fork_ready, cap + 20, uid_base, fork_steps, stop_timeout=300)
+    log("launch modes: fork server for the drained burst (%d ready, %d new identifiers)" % (args.burst_ready, args.burst))
+    results["fork_burst"] = guarded("fork burst server", run_mode_server, binary, runtime, workdir, "forkburst",
+                                    "fork", args.burst_ready, args.burst + 20, uid_base, burst_steps)
+    if args.no_exec:
+        results["exec"] = {"error": "skipped (--no-exec)"}
+    else:
+        log("launch modes: exec server (pool exec, %d ready)" % args.exec_ready)
+        results["exec"] = guarded("exec server", run_mode_server, binary, runtime, workdir, "exec", "exec",
+                                  args.exec_ready, max(args.exec_burst, args.exec_idle) + 20, uid_base, exec_steps,
+                                  stop_timeout=180)
+    results["load_end"] = loadavg()
+    return results
 
 
 # -- isolation tiers: namespaces vs gVisor, on a second server ----------------------------------
@@ -855,8 +1377,9 @@ def measure_bwrap(runtime, code, n, expect):
 JUPYTER_HELPER = r'''
 import json, sys, time, uuid, statistics
 mode, n = sys.argv[1], int(sys.argv[2])
+PLOT_CELL = %r
 
-def run_jkg(port, token, n, cold):
+def run_jkg(port, token, n, cold, plot):
     import urllib.request
     import websocket
     base = "http://127.0.0.1:%d" % port
@@ -876,7 +1399,7 @@ def run_jkg(port, token, n, cold):
 
     session = uuid.uuid4().hex
 
-    def execute(ws, code):
+    def execute(ws, code, want_image=False):
         msg_id = uuid.uuid4().hex
         ws.send(json.dumps({
             "header": {"msg_id": msg_id, "username": "bench", "session": session, "msg_type": "execute_request",
@@ -885,7 +1408,7 @@ def run_jkg(port, token, n, cold):
             "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                         "allow_stdin": False, "stop_on_error": True},
         }))
-        result, replied, idle = None, False, False
+        result, replied, idle, image = None, False, False, False
         while not (replied and idle):
             m = json.loads(ws.recv())
             if m.get("parent_header", {}).get("msg_id") != msg_id:
@@ -893,12 +1416,16 @@ def run_jkg(port, token, n, cold):
             t = m["header"]["msg_type"]
             if t == "execute_result":
                 result = m["content"]["data"]["text/plain"]
+            elif t == "display_data" and "image/png" in m["content"].get("data", {}):
+                image = True
             elif t == "execute_reply":
                 replied = True
                 if m["content"]["status"] != "ok":
                     raise RuntimeError(m["content"])
             elif t == "status" and m["content"]["execution_state"] == "idle":
                 idle = True
+        if want_image and not image:
+            raise RuntimeError("no image/png from the plot cell")
         return result
 
     out = {}
@@ -912,6 +1439,16 @@ def run_jkg(port, token, n, cold):
         ws.close()
         delete_kernel(kid)
     out["cold"] = colds
+    plots = []
+    for _ in range(plot):  # a new kernel -> the DataFrame + plot cell's image
+        t = time.perf_counter()
+        kid = start_kernel()
+        ws = connect(kid)
+        execute(ws, PLOT_CELL, want_image=True)
+        plots.append(time.perf_counter() - t)
+        ws.close()
+        delete_kernel(kid)
+    out["plot"] = plots
     kid = start_kernel()
     ws = connect(kid)
     for _ in range(10):
@@ -947,49 +1484,73 @@ def run_client(n):
             t = time.perf_counter()
             assert execute("1+1") == "2"
             warm.append(time.perf_counter() - t)
+        # An idle kernel that imported pandas, like the sessions of the memory row.
+        execute("import pandas")
+        time.sleep(1.0)
+        proc = getattr(getattr(km, "provisioner", None), "process", None)
+        pid = proc.pid if proc is not None else getattr(getattr(km, "kernel", None), "pid", None)
+        memory = {}
+        if pid:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                for row in f:
+                    parts = row.split()
+                    if len(parts) >= 2 and parts[1].isdigit():
+                        memory[parts[0].rstrip(":")] = int(parts[1])
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    return {"warm": warm, "startup": startup}
+    return {"warm": warm, "startup": startup,
+            "kernel_uss_kib": memory.get("Private_Clean", 0) + memory.get("Private_Dirty", 0) if memory else None,
+            "kernel_pss_kib": memory.get("Pss") if memory else None}
 
 if mode == "jkg":
-    print(json.dumps(run_jkg(int(sys.argv[3]), sys.argv[4], n, int(sys.argv[5]))))
+    print(json.dumps(run_jkg(int(sys.argv[3]), sys.argv[4], n, int(sys.argv[5]), int(sys.argv[6]))))
 else:
     print(json.dumps(run_client(n)))
 '''
 
 
+BENCH_VENV_PACKAGES = ["jupyter_kernel_gateway", "ipykernel", "websocket-client", "pandas", "matplotlib"]
+
+
 def ensure_bench_venv(path):
-    """The throwaway venv with the gateway; made with pip on first use. Returns (python, reason)."""
+    """The throwaway venv with the gateway (and pandas + matplotlib for the plot cell); made, or
+    completed, with pip on first use. Returns (python, reason)."""
     python = os.path.join(path, "bin", "python")
     gateway = os.path.join(path, "bin", "jupyter-kernelgateway")
-    if os.path.exists(gateway):
+    if os.path.exists(gateway) and subprocess.run([python, "-c", "import pandas, matplotlib"],
+                                                  capture_output=True, timeout=120).returncode == 0:
         return python, None
-    log("creating %s with jupyter_kernel_gateway, ipykernel, websocket-client (first run only)" % path)
+    fresh = not os.path.exists(gateway)
+    log("%s %s with %s (first run only)" % ("creating" if fresh else "completing", path, ", ".join(BENCH_VENV_PACKAGES)))
     try:
-        subprocess.run([sys.executable, "-m", "venv", path], check=True, capture_output=True, timeout=300)
-        subprocess.run([python, "-m", "pip", "install", "-q", "jupyter_kernel_gateway", "ipykernel", "websocket-client"],
-                       check=True, capture_output=True, timeout=600)
+        if fresh:
+            subprocess.run([sys.executable, "-m", "venv", path], check=True, capture_output=True, timeout=300)
+        subprocess.run([python, "-m", "pip", "install", "-q"] + BENCH_VENV_PACKAGES,
+                       check=True, capture_output=True, timeout=900)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         detail = getattr(e, "stderr", b"") or b""
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
-        shutil.rmtree(path, ignore_errors=True)
-        return None, "could not install jupyter_kernel_gateway: %s %s" % (type(e).__name__, detail.strip()[-200:])
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)
+            return None, "could not install jupyter_kernel_gateway: %s %s" % (type(e).__name__, detail.strip()[-200:])
+        log("could not add pandas/matplotlib to %s (the plot baseline will fail): %s" % (path, detail.strip()[-200:]))
     return python, None
 
 
-def measure_jupyter(venv, n, cold, workdir, procs):
+def measure_jupyter(venv, n, cold, workdir, procs, plot=0):
     python, reason = ensure_bench_venv(venv)
     if python is None:
         return {"error": reason}
     helper = os.path.join(workdir, "jupyter_helper.py")
     with open(helper, "w") as f:
-        f.write(JUPYTER_HELPER)
+        f.write(JUPYTER_HELPER.replace("PLOT_CELL = %r", "PLOT_CELL = %r" % PLOT_CELL, 1))
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=os.path.join(workdir, "jupyter-runtime"),
                JUPYTER_DATA_DIR=os.path.join(workdir, "jupyter-data"), IPYTHONDIR=os.path.join(workdir, "ipython"),
                JUPYTER_PLATFORM_DIRS="1")
     env.pop("PYTHONPATH", None)
+    env.pop("MPLBACKEND", None)  # the kernels' inline backend sends the plot as image/png
     out = {}
     port, token = free_port(), uuid.uuid4().hex
     gw_log = open(os.path.join(workdir, "gateway.log"), "wb")
@@ -1012,7 +1573,7 @@ def measure_jupyter(venv, n, cold, workdir, procs):
                     tail = open(gw_log.name, errors="replace").read()[-300:]
                     return {"error": "kernel gateway did not start: " + tail}
                 time.sleep(0.1)
-        res = subprocess.run([python, helper, "jkg", str(n), str(port), token, str(cold)],
+        res = subprocess.run([python, helper, "jkg", str(n), str(port), token, str(cold), str(plot)],
                              capture_output=True, text=True, timeout=300, env=env, cwd=workdir)
         if res.returncode != 0:
             out["jkg_error"] = "gateway client failed: " + res.stderr.strip()[-300:]
@@ -1020,6 +1581,8 @@ def measure_jupyter(venv, n, cold, workdir, procs):
             data = json.loads(res.stdout)
             out["jkg_warm"] = summary(data["warm"])
             out["jkg_cold"] = summary(data["cold"])
+            if data.get("plot"):
+                out["jkg_plot"] = summary(data["plot"])
     finally:
         gw.send_signal(signal.SIGTERM)
         try:
@@ -1036,6 +1599,8 @@ def measure_jupyter(venv, n, cold, workdir, procs):
         data = json.loads(res.stdout)
         out["client_warm"] = summary(data["warm"])
         out["client_startup_ms"] = ms(data["startup"])
+        out["client_kernel_uss_kib"] = data.get("kernel_uss_kib")
+        out["client_kernel_pss_kib"] = data.get("kernel_pss_kib")
     return out
 
 
@@ -1082,13 +1647,176 @@ def table(r, args):
                  "MemAvailable delta / %d sessions (x=1 each); PSS of sandbox processes: %.0f MiB/session"
                  % (m["sessions"], m["pss_per_session_mib"])))
     fl = r.get("files")
-    if fl:
+    if fl and "error" in fl:
+        rows.append(("upload / download file, p50", "n/a (%s)" % fl["error"][:200], "-", "-"))
+    elif fl:
         rows.append(("upload / download %.0f MiB file, p50" % (fl["size_bytes"] / 1048576.0),
                      "%.0f / %.0f ms" % (fl["upload_p50_ms"], fl["download_p50_ms"]), "-",
                      "%.0f / %.0f MiB/s" % (fl["upload_mib_s"], fl["download_mib_s"])))
     lines = ["| metric | Sandpiper | baseline | notes |", "| --- | --- | --- | --- |"]
     for row in rows:
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+def fork_table(lm, r, args):
+    """The "warm fork vs exec" table: each figure for both launch modes, the fork target, and the
+    baselines measured in the same run."""
+    fork, burst, ex = lm.get("fork") or {}, lm.get("fork_burst") or {}, lm.get("exec") or {}
+    j, b2 = r.get("jupyter") or {}, r.get("bwrap_imports") or {}
+    MB = 1e6 / 1048576.0  # 10 MB in MiB
+
+    def part(server, key):
+        if "error" in server:
+            return {"error": server["error"]}
+        return server.get(key) or {"error": "not run"}
+
+    def cell(obj, render):
+        if "error" in obj:
+            return "n/a (%s)" % obj["error"][:160]
+        try:
+            return render(obj)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            return "n/a (%s)" % type(e).__name__
+
+    def mark(ok):
+        return " ✓" if ok else " ✗"
+
+    def p5099(s):
+        return "%.1f / %.1f ms" % (s["p50_ms"], s["p99_ms"])
+
+    def jup(key, render):
+        if "error" in j:
+            return "n/a (%s)" % j["error"][:80]
+        if j.get(key) is None:
+            return "n/a (%s)" % j.get(key.split("_")[0] + "_error", "not run")[:120]
+        return render(j[key])
+
+    bw = ("n/a (%s)" % b2["error"][:80]) if "error" in b2 else (p5099(b2) if b2 else "n/a")
+    rows = []
+
+    f, e = part(fork, "refill"), part(ex, "refill")
+    rows.append((
+        "refill: sessions made ready per second after draining the pool",
+        cell(f, lambda x: "%.1f /s (%d in %.2f s)%s" % (x["sessions_per_second"], x["burst"], x["full_seconds"],
+                                                         mark(x["sessions_per_second"] >= 100))),
+        cell(e, lambda x: "%.2f /s (%d in %.1f s)" % (x["sessions_per_second"], x["burst"], x["full_seconds"])),
+        "≥ 100 /s",
+        jup("client_startup_ms", lambda v: "jupyter_client kernel start: %.0f ms (%.1f kernels/s, one at a time)"
+            % (v, 1000.0 / v)),
+        "all readySessionInstances drained by %d client threads; rate = drained count / (drain start → last "
+        "\"sandbox ready\"); from the first allocation: %s /s; steady ready-line rate: %s /s, gap p50 %s ms; "
+        "request-path launches during the drain: %s (fork / exec)" % (
+            args.drain_threads,
+            " / ".join(cell(x, lambda y: "%.1f" % y["from_first_allocation_per_second"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.1f" % y["steady_per_second"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.1f" % y["gap_p50_ms"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%d" % y["request_path_launches"]) for x in (f, e)))))
+
+    f, e = part(fork, "new_identifier"), part(ex, "new_identifier")
+    rows.append((
+        "new identifier → first `1+1`, warm pool, p50 / p99",
+        cell(f, lambda x: p5099(x) + mark(x["p50_ms"] <= 5)), cell(e, p5099), "p50 ≤ 5 ms",
+        "new JKG kernel → first result: %s; cold bwrap + `import numpy, pandas, matplotlib`: %s"
+        % (jup("jkg_cold", p5099), bw),
+        "n = %s (fork / exec), sequential, pool full before each"
+        % " / ".join(cell(x, lambda y: "%d" % y["n"]) for x in (f, e))))
+
+    f, e = part(burst, "burst"), part(ex, "burst")
+
+    def burst_cell(x, judge):
+        text = "%s, %d/%d served, %d errors" % (p5099(x) if x["n"] else "-", x["n"], x["requests"], x["errors"])
+        if judge:
+            text += mark(x["errors"] == 0 and x["n"] and x["p99_ms"] <= 1000)
+        return text
+
+    rows.append((
+        "drained burst: new identifiers at once against a pool of few ready, p50 / p99",
+        cell(f, lambda x: burst_cell(x, True)), cell(e, lambda x: burst_cell(x, False)), "all served, p99 ≤ 1 s",
+        "cold bwrap + imports, one at a time: %s" % bw,
+        "requests / threads / ready (fork; exec): %s; %s. max %s ms; wall %s s; request-path launches %s; "
+        "first errors: %s" % (
+            cell(f, lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
+            cell(e, lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
+            " / ".join(cell(x, lambda y: "%.0f" % y["max_ms"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.1f" % y["wall_seconds"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%d" % y["request_path_launches"]) for x in (f, e)),
+            "; ".join(s for x in (f, e) if "error" not in x for s in x.get("error_samples", [])[:1]) or "none")))
+
+    f, e = part(fork, "memory"), part(ex, "memory")
+    rows.append((
+        "private memory (USS) per idle session, `import pandas` run once",
+        cell(f, lambda x: "%.1f MiB (PSS %.1f)%s" % (x["uss_per_session_mib"], x["pss_per_session_mib"],
+                                                     mark(x["uss_per_session_mib"] <= 10 * MB))),
+        cell(e, lambda x: "%.1f MiB (PSS %.1f)" % (x["uss_per_session_mib"], x["pss_per_session_mib"])),
+        "≤ 10 MB (9.5 MiB)",
+        jup("client_kernel_uss_kib", lambda v: "jupyter_client kernel after `import pandas`: USS %.1f MiB, PSS %.1f MiB"
+            % (v / 1024.0, (j.get("client_kernel_pss_kib") or 0) / 1024.0)),
+        "sessions (fork / exec): %s; USS = Private_Clean + Private_Dirty (smaps_rollup) summed over the processes of "
+        "the session's uid (%s per session); max USS %s MiB; RSS %s MiB" % (
+            " / ".join(cell(x, lambda y: "%d" % y["sessions"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.0f" % y["processes_per_session"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.1f" % y["uss_max_mib"]) for x in (f, e)),
+            " / ".join(cell(x, lambda y: "%.0f" % y["rss_per_session_mib"]) for x in (f, e)))))
+    rows.append((
+        "MemAvailable per idle session (same sessions)",
+        cell(f, lambda x: "%.1f MiB" % x["mem_available_per_session_mib"]),
+        cell(e, lambda x: "%.1f MiB" % x["mem_available_per_session_mib"]), "-", "-",
+        "MemAvailable before/after, pool full both times; other jobs on the machine move it too"))
+
+    c, e = part(fork, "capacity"), part(ex, "memory")
+
+    def cap_cell(x):
+        fit = "all %d fit" % x["target"] if x["sessions"] >= x["target"] else "stopped at %d of %d (%s)" % (
+            x["sessions"], x["target"], x["stop_reason"])
+        return "%s: %.1f MiB MemAvailable/session, USS p50 %.1f MiB, %.1f GiB still available%s" % (
+            fit, x["mem_available_per_session_mib"], x["uss_p50_mib"] or float("nan"),
+            x["mem_available_after_mib"] / 1024.0, mark(x["sessions"] >= x["target"]))
+
+    def exec_cap(x):
+        avail = x["mem_available_after_kib"] / 1024.0
+        per = x["mem_available_per_session_mib"]
+        return "not run; at %.0f MiB/session ≈ %d more in the %.1f GiB available" % (per, avail / per, avail / 1024.0)
+
+    rows.append((
+        "capacity: idle Python sessions (pandas imported) created while watching MemAvailable",
+        cell(c, cap_cell) if args.capacity else "skipped (--capacity 0)", cell(e, exec_cap), "%d fit" % args.capacity,
+        "-",
+        cell(c, lambda x: "%d created in %.0f s by %d threads; stops at MemAvailable < %d MiB, a failed call or %d s; "
+             "MemAvailable %.1f → %.1f GiB; maxConcurrentSessions %d" % (
+                 x["sessions"], x["seconds"], args.capacity_threads, args.capacity_floor_mib, args.capacity_budget,
+                 x["mem_available_before_mib"] / 1024.0, x["mem_available_after_mib"] / 1024.0,
+                 fork.get("max_sessions", 0)))))
+
+    f, e = part(fork, "warm"), part(ex, "warm")
+    kind = "release" if "/release/" in r["config"]["binary"] else "debug"
+    rows.append((
+        "warm `1+1` over HTTP, one session, p50 / p99",
+        cell(f, lambda x: p5099(x) + mark(x["p50_ms"] <= 2)), cell(e, p5099), "p50 ≤ 2 ms",
+        "JKG websocket: %s; jupyter_client ZMQ: %s" % (jup("jkg_warm", p5099), jup("client_warm", p5099)),
+        "n=%d, HTTP keep-alive, %s binary" % (args.n, kind)))
+
+    f, e = part(fork, "plot"), part(ex, "plot")
+    rows.append((
+        "time to first result: new identifier → DataFrame + plot (PNG), p50 / p99",
+        cell(f, p5099), cell(e, p5099), "-",
+        "new JKG kernel → the same cell (inline PNG): %s" % jup("jkg_plot", p5099),
+        "n = %s (fork / exec), pool full before each; `%s`" % (
+            " / ".join(cell(x, lambda y: "%d" % y["n"]) for x in (f, e)), PLOT_CELL.replace("\n", "; "))))
+
+    lines = ["| metric | fork | exec | target (fork) | baseline | notes |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |")
+    notes = []
+    for label, server in (("fork", fork), ("fork burst", burst), ("exec", ex)):
+        if "error" in server:
+            notes.append("%s server: %s" % (label, server["error"]))
+        elif server:
+            notes.append("%s server: %d of %d sandboxes forked=true, initial fill of %d in %.1f s, load %s → %s" % (
+                label, server.get("sandboxes_forked", 0), server.get("sandboxes_ready", 0), server.get("ready", 0),
+                server.get("initial_fill_seconds", float("nan")), server.get("load_start"), server.get("load_end")))
+    lines.append("")
+    lines += ["- " + n for n in notes]
     return "\n".join(lines)
 
 
@@ -1152,16 +1880,39 @@ def tier_table(t, args):
     return "\n".join(lines)
 
 
+def newest_source_mtime():
+    newest = 0.0
+    for top in ("Sources", "Package.swift", "Package.resolved"):
+        path = os.path.join(REPO, top)
+        if os.path.isfile(path):
+            newest = max(newest, os.path.getmtime(path))
+        for root, _, files in os.walk(path):
+            for name in files:
+                try:
+                    newest = max(newest, os.path.getmtime(os.path.join(root, name)))
+                except OSError:
+                    pass
+    return newest
+
+
 def pick_binary(arg):
+    """--bin, else $SANDPIPER_BIN, else .build/release/sandpiper when it is newer than the sources,
+    else .build/debug/sandpiper (else whichever exists, with a warning that it is older)."""
     if arg:
         return arg
     env = os.environ.get("SANDPIPER_BIN")
     if env and os.path.exists(env):
         return env
-    for kind in ("release", "debug"):
-        path = os.path.join(REPO, ".build", kind, "sandpiper")
-        if os.path.exists(path):
+    sources = newest_source_mtime()
+    found = [os.path.join(REPO, ".build", kind, "sandpiper") for kind in ("release", "debug")]
+    found = [path for path in found if os.path.exists(path)]
+    for path in found:
+        if os.path.getmtime(path) >= sources:
             return path
+    if found:
+        newest = max(found, key=os.path.getmtime)
+        log("warning: %s is older than the sources (build it first)" % newest)
+        return newest
     sys.exit("no sandpiper binary: build it (make build) or pass --bin")
 
 
@@ -1185,8 +1936,46 @@ def main():
                     "gVisor/ptrace one listdir of /usr/bin costs ~5 ms, so 5 runs of 10000 would take ~4 min)")
     ap.add_argument("--listdir-n", type=int, help="runs of the syscall-heavy cell per tier (default 5)")
     ap.add_argument("--listdir-budget", type=float, help="stop those runs after this many seconds per tier (default 30)")
+    ap.add_argument("--no-fork", action="store_true", help="skip the warm fork vs exec section")
+    ap.add_argument("--no-exec", action="store_true", help="in that section, skip the exec server")
+    ap.add_argument("--fork-ready", type=int, help="readySessionInstances of the fork pool (default 100; refill drains it)")
+    ap.add_argument("--fork-n", type=int, help="new-identifier samples on the fork pool (default 50)")
+    ap.add_argument("--exec-ready", type=int, help="readySessionInstances of the exec pool (default 10)")
+    ap.add_argument("--exec-n", type=int, help="new-identifier samples on the exec pool (default 10)")
+    ap.add_argument("--plot-n", type=int, help="DataFrame + plot cells in new identifiers, per mode and on JKG (default 5)")
+    ap.add_argument("--drain-threads", type=int, help="client threads draining the pool for the refill rate (default 16)")
+    ap.add_argument("--burst", type=int, help="new identifiers at once in the drained burst on fork (default 100)")
+    ap.add_argument("--burst-ready", type=int, help="readySessionInstances of the fork burst pool (default 10)")
+    ap.add_argument("--burst-threads", type=int, help="client threads of the drained bursts (default 24)")
+    ap.add_argument("--exec-burst", type=int, help="new identifiers at once in the exec burst (default 30: each exec "
+                    "launch costs ~1.4 s of CPU)")
+    ap.add_argument("--fork-idle", type=int, help="idle sessions for USS/PSS on fork (default 20)")
+    ap.add_argument("--exec-idle", type=int, help="idle sessions for USS/PSS on exec (default 5)")
+    ap.add_argument("--capacity", type=int, help="idle fork sessions to create while watching MemAvailable (default "
+                    "500; 0 skips)")
+    ap.add_argument("--capacity-floor-mib", type=int, default=2048, help="stop the capacity run under this MemAvailable")
+    ap.add_argument("--capacity-budget", type=float, help="stop the capacity run after this many seconds (default 600)")
+    ap.add_argument("--capacity-threads", type=int, default=4, help="client threads of the capacity run")
+    ap.add_argument("--settle", type=float, help="seconds to wait for MemAvailable to settle (default 15)")
+    ap.add_argument("--uid-base", type=int, default=FORK_UID_BASE,
+                    help="server.sandboxUidBase of the launch-mode servers (moved up past ranges other servers hold)")
     args = ap.parse_args()
     q = args.quick
+    args.fork_ready = args.fork_ready or (10 if q else 100)
+    args.fork_n = args.fork_n or (5 if q else 50)
+    args.exec_ready = args.exec_ready or (2 if q else 10)
+    args.exec_n = args.exec_n or (3 if q else 10)
+    args.plot_n = args.plot_n or (2 if q else 5)
+    args.drain_threads = args.drain_threads or (4 if q else 16)
+    args.burst = args.burst or (20 if q else 100)
+    args.burst_ready = args.burst_ready or (5 if q else 10)
+    args.burst_threads = args.burst_threads or (8 if q else 24)
+    args.exec_burst = args.exec_burst or (4 if q else 30)
+    args.fork_idle = args.fork_idle or (3 if q else 20)
+    args.exec_idle = args.exec_idle or (2 if q else 5)
+    args.capacity = (20 if q else 500) if args.capacity is None else args.capacity
+    args.capacity_budget = args.capacity_budget or (60.0 if q else 600.0)
+    args.settle = args.settle or (5.0 if q else 15.0)
     args.n = args.n or (20 if q else 200)
     args.duration = args.duration or (1.0 if q else 5.0)
     args.new = args.new or (3 if q else 20)
@@ -1212,7 +2001,7 @@ def main():
     os.chmod(workdir, 0o711)  # the sandbox uids traverse it to reach their data mounts
     server, procs, results = None, [], {}
     results["config"] = {"binary": binary, "runtime": args.runtime, "cpus": os.cpu_count(), "quick": q,
-                         "ready": args.ready}
+                         "ready": args.ready, "load_start": loadavg()}
     ok = False
     try:
         log("binary %s" % binary)
@@ -1231,9 +2020,20 @@ def main():
         log("4/4 memory per idle session (n=%d)" % args.idle)
         results["memory"] = measure_memory(server, args.idle)
         log("file transfer")
-        results["files"] = measure_files(server, (1 if q else 5) * 1048576, 2 if q else 3)
+        results["files"] = guarded("file transfer", measure_files, server, (1 if q else 5) * 1048576, 2 if q else 3)
+        with server.cond:
+            results["bench_pool_forked"] = [server.forked, len(server.ready_times)]
         server.stop()
         server = None
+        if args.no_fork:
+            results["launch_modes"] = None
+        else:
+            log("warm fork vs exec (load average %s)" % (loadavg(),))
+            try:
+                results["launch_modes"] = measure_launch_modes(binary, args.runtime, args, workdir)
+            except Exception as e:  # noqa: BLE001 - keep the rest of the run
+                log("launch modes failed: %r" % (e,))
+                results["launch_modes"] = {"error": "%s: %s" % (type(e).__name__, str(e)[:200])}
         if args.no_tiers:
             results["tiers"] = None
         else:
@@ -1258,7 +2058,8 @@ def main():
             results["jupyter"] = {"error": "skipped (--no-jupyter)"}
         else:
             log("baseline: Jupyter Kernel Gateway and jupyter_client")
-            results["jupyter"] = measure_jupyter(args.bench_venv, args.n, 2 if q else 3, workdir, procs)
+            results["jupyter"] = measure_jupyter(args.bench_venv, args.n, 2 if q else 3, workdir, procs,
+                                                 0 if args.no_fork else args.plot_n)
         ok = True
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
@@ -1278,14 +2079,26 @@ def main():
         sys.exit(130)
     results["wall_seconds"] = time.monotonic() - T0
     print(table(results, args))
+    forked = results.get("bench_pool_forked")
+    if forked:
+        print("\n(pool `bench` uses the default launch mode: %d of %d sandboxes forked)" % tuple(forked))
+    lm = results.get("launch_modes")
+    if lm is not None:
+        print("\nwarm fork vs exec\n")
+        if "error" in lm:
+            print("n/a (%s)" % lm["error"])
+        else:
+            print(fork_table(lm, results, args))
     if results.get("languages") and "error" not in results["languages"]:
         print("\nlanguages (namespaces tier)\n")
         print(language_table(results["languages"]))
     if results.get("tiers"):
         print("\nisolation tiers\n")
         print(tier_table(results["tiers"], args))
-    print("\n(%s; %d cores; wall time %.0f s)" % (os.path.relpath(binary, REPO) if binary.startswith(REPO) else binary,
-                                                   os.cpu_count(), results["wall_seconds"]))
+    results["load_end"] = loadavg()
+    print("\n(%s; %d cores; wall time %.0f s; load average %s at the start, %s at the end)" % (
+        os.path.relpath(binary, REPO) if binary.startswith(REPO) else binary, os.cpu_count(), results["wall_seconds"],
+        results["config"]["load_start"], results["load_end"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

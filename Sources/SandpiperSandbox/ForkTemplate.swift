@@ -176,7 +176,10 @@ actor ForkTemplate {
 
     private func templateDied(_ what: String) -> SandpiperError {
         let said = running?.stderrTail.text ?? ""
-        logger.error("the fork template died; it restarts on the next session", metadata: ["said": "\(said.suffix(500))"])
+        logger.error(
+            "the fork template died; it restarts on the next session",
+            metadata: ["said": "\(said.suffix(500))"]
+        )
         let error = SandpiperError(.unavailable, code: Self.goneCode, "\(what): the pool's template is gone")
         if let running {
             self.running = nil
@@ -261,13 +264,21 @@ actor ForkTemplate {
             tail = stderrTail
             var byte: UInt8 = 0
             guard sandpiper_read_timeout(ready.read, &byte, 1, 10_000) == 1 else {
-                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template's user namespace did not come up")
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxStartFailed",
+                    "the template's user namespace did not come up"
+                )
             }
             // Inside root is the template's own uid; 1...slots are the sessions'.
             let map = "0 \(base) 1\n1 \(base + 1) \(slots)\n"
             for file in ["uid_map", "gid_map"] {
                 guard (try? map.write(toFile: "/proc/\(pid)/\(file)", atomically: false, encoding: .utf8)) != nil else {
-                    throw SandpiperError(.unavailable, code: "SandboxStartFailed", "cannot write the template's \(file)")
+                    throw SandpiperError(
+                        .unavailable,
+                        code: "SandboxStartFailed",
+                        "cannot write the template's \(file)"
+                    )
                 }
             }
             // A whole line: `read` fails on a line cut short by EOF.

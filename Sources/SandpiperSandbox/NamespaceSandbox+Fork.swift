@@ -26,7 +26,8 @@ extension NamespaceSandbox {
             let message = (error as? SandpiperError)?.message ?? "\(error)"
             throw SandpiperError(.unavailable, code: ForkTemplate.unavailableCode, message)
         }
-        let release: @Sendable () -> Void = { [block = uid.block, inside = uid.inside] in block.release(inside: inside) }
+        let release: @Sendable () -> Void = { [block = uid.block, inside = uid.inside] in block.release(inside: inside)
+        }
         let directory = backend.sessionsDirectory + "/" + id
         var record = SandboxRecord(
             id: id,
@@ -42,7 +43,12 @@ extension NamespaceSandbox {
         func undo() async {
             tail?.close()
             for fd in openFDs { close(fd) }
-            backend.removeTraces(id: id, children: [], directory: directory, cgroupDirectories: record.cgroupDirectories)
+            backend.removeTraces(
+                id: id,
+                children: [],
+                directory: directory,
+                cgroupDirectories: record.cgroupDirectories
+            )
             try? await backend.records.removeRecord(id: id)
             release()
         }
@@ -52,7 +58,9 @@ extension NamespaceSandbox {
             let toAgent = try Pipe()
             let fromAgent = try Pipe()
             let stderrPipe = try Pipe()
-            openFDs += [toAgent.read, toAgent.write, fromAgent.read, fromAgent.write, stderrPipe.read, stderrPipe.write]
+            openFDs += [
+                toAgent.read, toAgent.write, fromAgent.read, fromAgent.write, stderrPipe.read, stderrPipe.write,
+            ]
             let first = try await template.fork(
                 insideUID: uid.inside,
                 limits: limits,
@@ -76,7 +84,8 @@ extension NamespaceSandbox {
                 throw SandpiperError(
                     .unavailable,
                     code: "SandboxStartFailed",
-                    "could not start a forked session: \(message)" + (said.isEmpty ? "" : "; it said: \(said.suffix(1500))")
+                    "could not start a forked session: \(message)"
+                        + (said.isEmpty ? "" : "; it said: \(said.suffix(1500))")
                 )
             }
             // /mnt/data as the session's init sees it: held open for the file API.

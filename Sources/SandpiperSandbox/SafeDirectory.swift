@@ -1,5 +1,5 @@
-import Foundation
 import CSandpiperShims
+import Foundation
 import SandpiperCore
 import Synchronization
 

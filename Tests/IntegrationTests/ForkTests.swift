@@ -146,7 +146,11 @@ struct ForkTests {
             #expect(await fixture.backend.template(for: pool).sandboxID == nil)
             // The template that timed out left nothing: no cgroup, no record.
             #expect(fixture.backend.cgroups.leftoverSandboxIDs().allSatisfy { !$0.hasPrefix("tpl-") })
-            #expect(try await fixture.records.records(backend: NamespaceBackend.name).allSatisfy { !$0.id.hasPrefix("tpl-") })
+            #expect(
+                try await fixture.records.records(backend: NamespaceBackend.name).allSatisfy {
+                    !$0.id.hasPrefix("tpl-")
+                }
+            )
             await launched.destroy()
             try await fixture.expectNoTraces(of: launched)
         }

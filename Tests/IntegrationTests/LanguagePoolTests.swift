@@ -72,7 +72,10 @@ struct LanguagePoolTests {
         }
     }
 
-    @Test("Shell: a command that never ends is killed at the timeout; background jobs do not block", arguments: execTiers)
+    @Test(
+        "Shell: a command that never ends is killed at the timeout; background jobs do not block",
+        arguments: execTiers
+    )
     func shellTimeouts(tier: Tier) async throws {
         try await withFixture { fixture in
             let sandbox = try await fixture.launch(Self.pool(.shell, tier: tier))

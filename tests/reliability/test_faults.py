@@ -8,6 +8,7 @@ x-ms-error-code header) within a bounded time: never a hang, never a bodyless 50
 
 import errno
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -71,6 +72,7 @@ def agent_server(tmp_path_factory):
         os.kill(pid, signal.SIGKILL)
     assert not left, "sandbox processes left after shutdown:\n" + rh.describe_pids(left)
     assert not mounts_under(srv.data_dir), mounts_under(srv.data_dir)
+    shutil.rmtree(wd, ignore_errors=True)
 
 
 def kill_agent(uid):

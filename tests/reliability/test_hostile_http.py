@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import select
+import shutil
 import socket
 import time
 import uuid
@@ -18,6 +19,7 @@ import uuid
 import pytest
 
 import rel_helpers as rh
+from e2e_helpers import mounts_under
 
 HEAD_TIMEOUT = 2
 BODY_TIMEOUT = 2
@@ -48,6 +50,8 @@ def server():
         rh.wait_until(lambda: not rh.uid_pids(srv.uids), timeout=10)
         for pid in rh.uid_pids(srv.uids):
             os.kill(pid, 9)
+        if not mounts_under(srv.data_dir):
+            shutil.rmtree(wd, ignore_errors=True)
 
 
 def connect(srv, source=ATTACKER_SOURCE, timeout=5):

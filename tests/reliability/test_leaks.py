@@ -36,6 +36,11 @@ WARMUP = 20
 READY = 4
 FD_SLACK = 8
 RSS_SLACK_MIB = 30
+# Server memory growth per lifecycle, from a least-squares fit of VmRSS over the run (after its
+# first fifth): a leak of a few KiB per session stays under RSS_SLACK_MIB for 1,000 sessions but
+# is GiBs after a million. Judged when the run has at least SLOPE_MIN_LIFECYCLES.
+RSS_SLOPE_KIB = 4.0
+SLOPE_MIN_LIFECYCLES = 500
 POOLS = [
     {"name": "shell", "type": "Shell", "readySessionInstances": READY, "maxConcurrentSessions": 16,
      "cooldownPeriodInSeconds": 600},
@@ -93,10 +98,13 @@ def lifecycle(srv, http, n, pool):
     return problems
 
 
-def run_lifecycles(srv, pool, count, threads, start=0, deadline_s=3600):
+def run_lifecycles(srv, pool, count, threads, start=0, deadline_s=3600, rss_series=None):
+    """Runs `count` lifecycles on `threads` clients; returns the problems met. With rss_series (a
+    list), the server's VmRSS is appended as (lifecycles done, KiB) about every 5 s."""
     counter = itertools.count(start)
     end = start + count
     problems = []
+    done = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + deadline_s
 
@@ -112,13 +120,19 @@ def run_lifecycles(srv, pool, count, threads, start=0, deadline_s=3600):
                 found = lifecycle(srv, http, n, pool)
             except (requests.RequestException, ValueError, KeyError) as e:
                 found = ["lifecycle %d raised %r" % (n, e)]
-            if found:
-                with lock:
-                    problems.extend(found)
+            with lock:
+                done[0] += 1
+                problems.extend(found)
 
     workers = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
     for w in workers:
         w.start()
+    last = time.monotonic()
+    while rss_series is not None and any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if time.monotonic() - last >= 5:
+            last = time.monotonic()
+            rss_series.append((done[0], rh.rss_kib(srv.pid)))
     for w in workers:
         w.join(deadline_s + 60)
     assert not any(w.is_alive() for w in workers), "lifecycle workers hung"
@@ -135,6 +149,17 @@ def settled_snapshot(srv, baseline, timeout=30):
         snap = rh.snapshot(srv)
         if all(snap[k] == baseline[k] for k in EXACT) or time.monotonic() > deadline:
             return snap
+
+
+def slope(points):
+    """Least-squares slope dy/dx of (x, y) points; None for fewer than 3 points."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
 
 
 def table(baseline, after, extra):
@@ -162,15 +187,24 @@ def test_session_lifecycles_leak_nothing(servers, report, pool):
     baseline = rh.snapshot(srv)
 
     t0 = time.monotonic()
-    problems = run_lifecycles(srv, pool, count, THREADS, start=WARMUP, deadline_s=max(600, count * 2))
+    series = [(0, baseline["server VmRSS KiB"])]
+    problems = run_lifecycles(srv, pool, count, THREADS, start=WARMUP, deadline_s=max(600, count * 2),
+                              rss_series=series)
     elapsed = time.monotonic() - t0
     assert not problems, "failed lifecycles (first %d):\n%s\nserver log tail:\n%s" % (
         len(problems), "\n".join(problems), srv.log_tail())
     assert srv.alive(), srv.log_tail()
 
     after = settled_snapshot(srv, baseline)
+    series.append((count, after["server VmRSS KiB"]))
+    step = max(1, len(series) // 8)
+    trend = "server VmRSS MiB by lifecycles done: " + ", ".join(
+        "%d: %.1f" % (n, kib / 1024) for n, kib in series[::step] + ([series[-1]] if (len(series) - 1) % step else []))
+    per_lifecycle = slope([(n, kib) for n, kib in series if n >= count // 5])
+    if per_lifecycle is not None:
+        trend += "\nserver VmRSS growth per lifecycle (fit after the first fifth): %.1f KiB" % per_lifecycle
     report("leak test: %d %s session lifecycles, %d client threads" % (count, pool, THREADS),
-           table(baseline, after, ["%d lifecycles in %.1f s (%.1f/s)" % (count, elapsed, count / elapsed)]))
+           table(baseline, after, ["%d lifecycles in %.1f s (%.1f/s)" % (count, elapsed, count / elapsed), trend]))
 
     leaked = {k: (baseline[k], after[k]) for k in EXACT if after[k] != baseline[k]}
     details = ""
@@ -184,3 +218,7 @@ def test_session_lifecycles_leak_nothing(servers, report, pool):
     growth_mib = (after["server VmRSS KiB"] - baseline["server VmRSS KiB"]) / 1024
     assert growth_mib <= RSS_SLACK_MIB, "server RSS grew %.1f MiB over %d lifecycles (%s -> %s)" % (
         growth_mib, count, baseline["server VmRSS KiB"], after["server VmRSS KiB"])
+    if count >= SLOPE_MIN_LIFECYCLES and per_lifecycle is not None:
+        assert per_lifecycle < RSS_SLOPE_KIB, (
+            "the server keeps %.1f KiB per session lifecycle (%.0f MiB per 100,000 sessions): %s"
+            % (per_lifecycle, per_lifecycle * 100000 / 1024, trend))
