@@ -5,11 +5,12 @@
 
 Starts its own server (data directory in a temp dir, sandbox uids from 234000) with three pools,
 PythonLTS `python`, NodeLTS `node` and Shell `shell`, then:
-  1. warm-up: opens --sessions sessions (40% Python, 20% Node, 20% Shell, 20% file sessions on the
-     Shell pool) a few at a time, printing progress. A Python sandbox costs ~1.4 s of CPU to start
-     (it imports numpy, pandas and matplotlib) and ~90 MiB, so the Python pool keeps only a small
-     ready queue and sessions are opened --warmup-parallel at a time: 80 Python sessions take about
-     a minute on 2 cores and ~7-8 GiB;
+  1. warm-up: opens --sessions sessions (40% Python, 20% Node, 20% Shell, 10% + 10% file sessions
+     on the Python and Shell pools) a few at a time, printing progress. A Python sandbox launched
+     from scratch costs ~1.4 s of CPU (it imports numpy, pandas and matplotlib) and ~90 MiB (less
+     when forked from the pool's warm template), so the Python pool keeps only a small ready queue
+     and sessions are opened --warmup-parallel at a time: 120 Python sessions fit in ~11 GiB even
+     without forking, and take 1-3 minutes on 2 cores;
   2. load: one client thread and one keep-alive connection per session for --duration seconds,
      each call followed by a think time (uniform 0.5-1.5 x --think):
        python sessions: numpy + pure-Python compute (3 of 4 calls) or a small matplotlib plot (PNG);
@@ -49,10 +50,10 @@ MODERN_API = "2025-02-02-preview"
 UID_BASE = 234000  # not the default 230000 (other servers), nor the tests' 233000 / 237000 / 238000
 UID_SPAN = 2000  # uids this server may hand out (one per live sandbox), from --uid-base
 DEFAULT_RUNTIME = "/var/lib/sandpiper/runtimes/python"
-MIX = (("python", 0.4), ("node", 0.2), ("shell", 0.2), ("files", 0.2))
-POOL_OF = {"python": "python", "node": "node", "shell": "shell", "files": "shell"}
+MIX = (("python", 0.4), ("node", 0.2), ("shell", 0.2), ("files-py", 0.1), ("files-sh", 0.1))
+POOL_OF = {"python": "python", "node": "node", "shell": "shell", "files-py": "python", "files-sh": "shell"}
 # Rough per-session footprint (MiB) for the pre-flight memory check.
-FOOTPRINT_MIB = {"python": 100, "node": 50, "shell": 20, "files": 25}
+FOOTPRINT_MIB = {"python": 100, "node": 50, "shell": 20, "files-py": 100, "files-sh": 25}
 LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier)=([^\s\]]+)")
 T0 = time.monotonic()
 
@@ -339,7 +340,7 @@ class Session:
 
     def open(self, client):
         """The first call: allocates the session (and checks the pool's runtime answers)."""
-        if self.kind == "python":
+        if self.pool == "python":
             client.execute(self.pool, self.identifier, "import numpy as np\ncalls = 0\n1 + 1")
         elif self.kind == "node":
             assert client.execute(self.pool, self.identifier, "let calls = 0; 1 + 1")["result"] == 2
@@ -385,24 +386,23 @@ class Session:
             return "shell"
         # files: upload -> list -> download, rotating between the three
         step = self.calls % 3
-        name = "data-%d.bin" % (self.calls // 3 % 4)
-        self.current = ("download", "upload", "list")[step] if hasattr(self, "payload") else "upload"
-        if step == 1:
-            self.payload = rng.randbytes(32 << 10)
-            self.name = name
-            client.upload(self.pool, self.identifier, name, self.payload)
-            return "upload"
         if not hasattr(self, "payload"):
-            return self.step(client, rng)
+            step = 1  # nothing uploaded yet
+        self.current = "%s (%s)" % (("download", "upload", "list")[step], self.pool)
+        if step == 1:
+            payload, name = rng.randbytes(32 << 10), "data-%d.bin" % (self.calls // 3 % 4)
+            client.upload(self.pool, self.identifier, name, payload)
+            self.payload, self.name = payload, name
+            return self.current
         if step == 2:
             files = client.list_files(self.pool, self.identifier)
             if files.get(self.name) != len(self.payload):
                 raise CallError("list: %s has %r bytes, expected %d" % (self.name, files.get(self.name), len(self.payload)))
-            return "list"
+            return self.current
         data = client.download(self.pool, self.identifier, self.name)
         if data != self.payload:
             raise CallError("download of %s: %d bytes differ from the upload" % (self.name, len(data)))
-        return "download"
+        return self.current
 
 
 class Stats:
@@ -422,7 +422,8 @@ class Stats:
         with self.lock:
             self.error_count += 1
             self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-            shape = re.sub(r"load-[a-z]+-\d+-[0-9a-f]+", "<session>", what)
+            shape = re.sub(r"load-[a-z-]+-\d+-[0-9a-f]+", "<session>", what)
+            shape = re.sub(r"data-\d+\.bin", "data-N.bin", shape)
             shape = re.sub(r"after \d+ ms", "after N ms", shape)
             self.distinct[shape] = self.distinct.get(shape, 0) + 1
             if len(self.errors) < 20:
@@ -436,12 +437,13 @@ def plan(total):
 
 
 def pools_for(counts, args):
-    shell_sessions = counts["shell"] + counts["files"]
+    shell_sessions = counts["shell"] + counts["files-sh"]
+    python_sessions = counts["python"] + counts["files-py"]
     return [
         # Python sandboxes are costly (1.4 s CPU, ~90 MiB): a small ready queue; the sessions are
         # started on the request path, --warmup-parallel at a time.
-        {"name": "python", "readySessionInstances": min(args.python_ready, max(1, counts["python"])),
-         "maxConcurrentSessions": counts["python"] + 8, "cooldownPeriodInSeconds": 3600},
+        {"name": "python", "readySessionInstances": min(args.python_ready, max(1, python_sessions)),
+         "maxConcurrentSessions": python_sessions + 8, "cooldownPeriodInSeconds": 3600},
         {"name": "node", "type": "NodeLTS", "readySessionInstances": 4,
          "maxConcurrentSessions": counts["node"] + 8, "cooldownPeriodInSeconds": 3600},
         {"name": "shell", "type": "Shell", "readySessionInstances": 4,
