@@ -198,8 +198,9 @@ def test_session_lifecycles_leak_nothing(servers, report, pool):
     after = settled_snapshot(srv, baseline)
     series.append((count, after["server VmRSS KiB"]))
     step = max(1, len(series) // 8)
+    shown = sorted(set(range(0, len(series), step)) | {len(series) - 1})
     trend = "server VmRSS MiB by lifecycles done: " + ", ".join(
-        "%d: %.1f" % (n, kib / 1024) for n, kib in series[::step] + ([series[-1]] if (len(series) - 1) % step else []))
+        "%d: %.1f" % (series[i][0], series[i][1] / 1024) for i in shown)
     per_lifecycle = slope([(n, kib) for n, kib in series if n >= count // 5])
     if per_lifecycle is not None:
         trend += "\nserver VmRSS growth per lifecycle (fit after the first fifth): %.1f KiB" % per_lifecycle
