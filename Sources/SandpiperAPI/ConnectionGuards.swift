@@ -1,7 +1,9 @@
+import Hummingbird
 import HummingbirdCore
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOHTTP1
 import NIOHTTPTypes
 
 /// Limits that keep slow or hostile HTTP clients from starving everybody else: a request head
@@ -167,6 +169,32 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if case .end = unwrapOutboundIn(data) { arm(context, head) }
         context.write(data, promise: promise)
+    }
+
+    /// A request the HTTP parser refuses (a head over the size or count limits, bad syntax) gets
+    /// a JSON error like every other, then the connection is closed: its framing is lost.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parserError = error as? HTTPParserError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        disarm()
+        let (status, code, message): (HTTPResponse.Status, String, String) =
+            switch parserError {
+            case .headerOverflow:
+                (.init(code: 431), "RequestHeaderFieldsTooLarge", "the request head is over the server's size or count limit")
+            default:
+                (.badRequest, "BadRequest", "the request is not valid HTTP/1.1 (\(parserError))")
+            }
+        let body = ByteBuffer(string: #"{"error":{"code":"\#(code)","message":"\#(message)"}}"#)
+        var fields = HTTPFields()
+        fields[.contentType] = "application/json"
+        fields[.contentLength] = "\(body.readableBytes)"
+        fields[.connection] = "close"
+        fields[.xMsErrorCode] = code
+        context.write(wrapOutboundOut(.head(HTTPResponse(status: status, headerFields: fields))), promise: nil)
+        context.write(wrapOutboundOut(.body(body)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
     }
 
     private func arm(_ context: ChannelHandlerContext, _ delay: TimeAmount) {

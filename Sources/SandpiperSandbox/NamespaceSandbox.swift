@@ -139,26 +139,44 @@ final class NamespaceSandbox: Sandbox {
             // A namespace sandbox gets its own descriptor cap (the server raises its own for
             // connections) and no core dumps: a crashing guest must not write one through the
             // host's handler. (gVisor: the same rlimits are in the OCI config; runsc needs more.)
+            // `cd /`: the sandbox's pid 1 is bubblewrap, whose environment (PWD) code can read.
             let script =
                 spec.pool.isolation == .namespaces
-                ? "ulimit -n 4096 && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
+                ? "cd / && unset OLDPWD && ulimit -n 4096 && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
                 : SlirpNetwork.joinCgroupsScript
             let launcher: [String]
+            var closeAfterSpawn: [Int32] = []
             switch spec.pool.isolation {
             case .namespaces:
-                // Drop to the session uid, then bubblewrap.
-                launcher =
-                    [
-                        config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
-                        "--inh-caps=-all", "--", config.bubblewrap,
-                    ]
-                    + bubblewrapArguments(
-                        spec: spec,
-                        backend: backend,
-                        data: data,
-                        seccompFD: 5,
-                        networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
-                    )
+                // Drop to the session uid, then bubblewrap. Its arguments (host paths) come from a
+                // pipe, not argv: code inside reads pid 1's command line.
+                let arguments = bubblewrapArguments(
+                    spec: spec,
+                    backend: backend,
+                    data: data,
+                    seccompFD: 5,
+                    networkFDs: egressPipes == nil ? nil : (info: 6, block: 7)
+                )
+                let argumentsPipe = try Pipe()
+                openFDs += [argumentsPipe.read, argumentsPipe.write]
+                // bubblewrap takes options from the pipe; the command stays on its command line.
+                guard let separator = arguments.lastIndex(of: "--") else {
+                    throw SandpiperError.internalError("bubblewrap arguments without a command")
+                }
+                let options = arguments[..<separator]
+                let command = arguments[separator...]
+                let payload = Array(options.map { $0 + "\0" }.joined().utf8)
+                guard payload.count < 60_000,
+                    payload.withUnsafeBytes({ Glibc.write(argumentsPipe.write, $0.baseAddress, $0.count) }) == payload.count
+                else { throw SandpiperError.internalError("cannot pass bubblewrap its arguments") }
+                close(argumentsPipe.write)
+                openFDs.removeAll { $0 == argumentsPipe.write }
+                fds.append(argumentsPipe.read)
+                closeAfterSpawn.append(argumentsPipe.read)
+                launcher = [
+                    config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
+                    "--inh-caps=-all", "--", config.bubblewrap, "--args", "\(fds.count - 1)",
+                ] + command
             case .gvisor:
                 // Egress: a network namespace with slirp4netns, made before runsc joins it.
                 var networkNamespace: String?
@@ -211,7 +229,7 @@ final class NamespaceSandbox: Sandbox {
             record.pid = pid
             try? await backend.records.save(record)
             // The child has its copies; keep only the host ends.
-            for fd in [toAgent.read, fromAgent.write, seccomp, devNull, stderrPipe.write] { close(fd) }
+            for fd in [toAgent.read, fromAgent.write, seccomp, devNull, stderrPipe.write] + closeAfterSpawn { close(fd) }
             openFDs = [toAgent.write, fromAgent.read]
             let stderrTail = try await OutputTail.drain(stderrPipe.read)
             tail = stderrTail
@@ -428,10 +446,15 @@ final class NamespaceSandbox: Sandbox {
             )
         }
         guard reply.type == "result" else {
+            // An agent that cannot run a cell (no thread, no descriptor left: the session's own
+            // limits, exhausted by its code) will not recover: end it, like a dead agent.
+            logger.warning("agent refused an execution; destroying the sandbox", metadata: ["reply": "\(reply.message ?? reply.type)"])
+            await destroy()
             throw SandpiperError(
                 .sandboxFailure,
                 code: "SessionAgentFailure",
-                "the agent refused the execution: \(reply.message ?? reply.type)"
+                "the agent could not run the code: \(reply.message ?? reply.type); the session was terminated and the "
+                    + "next call gets a fresh one"
             )
         }
         return ExecutionOutcome(

@@ -32,8 +32,15 @@ struct SafeDirectory: Sendable {
     /// the template's user namespace, where host root is unmapped and may not create inodes
     /// (EOVERFLOW). The thread's filesystem capabilities drop meanwhile, which is all the better.
     private func asOwner<T>(_ body: () -> T) -> T {
-        guard rootDescriptor != nil else { return body() }
-        sandpiper_set_fs_identity(owner, group)
+        Self.withIdentity(creatorIdentity, body)
+    }
+
+    /// Who creates and renames entries: the owner for a forked session's tmpfs, else the server.
+    var creatorIdentity: (uid: uid_t, gid: gid_t)? { rootDescriptor == nil ? nil : (owner, group) }
+
+    static func withIdentity<T>(_ identity: (uid: uid_t, gid: gid_t)?, _ body: () -> T) -> T {
+        guard let identity else { return body() }
+        sandpiper_set_fs_identity(identity.uid, identity.gid)
         defer { sandpiper_set_fs_identity(0, 0) }
         return body()
     }
@@ -161,7 +168,7 @@ struct SafeDirectory: Sendable {
             throw Self.error(saved, path)
         }
         fchown(fd, owner, group)
-        return FileWriter(fd: fd, parent: parent, temporaryName: temporary, path: path)
+        return FileWriter(fd: fd, parent: parent, temporaryName: temporary, path: path, identity: creatorIdentity)
     }
 
     func delete(_ path: SessionFilePath) throws(SandpiperError) {
@@ -249,10 +256,14 @@ final class FileWriter: SandboxFileWriter {
     private let temporaryName: String
     private let path: SessionFilePath
 
-    init(fd: Int32, parent: Int32, temporaryName: String, path: SessionFilePath) {
+    /// The filesystem identity renames and removals run under (see `SafeDirectory.creatorIdentity`).
+    private let identity: (uid: uid_t, gid: gid_t)?
+
+    init(fd: Int32, parent: Int32, temporaryName: String, path: SessionFilePath, identity: (uid: uid_t, gid: gid_t)?) {
         self.state = Mutex(State(fd: fd, parent: parent))
         self.temporaryName = temporaryName
         self.path = path
+        self.identity = identity
     }
 
     func write(_ bytes: [UInt8]) async throws {
@@ -283,9 +294,12 @@ final class FileWriter: SandboxFileWriter {
             }
             var info = stat()
             fstat(state.fd, &info)
-            guard renameat(state.parent, temporaryName, state.parent, path.name) == 0 else {
+            let renamed = SafeDirectory.withIdentity(identity) {
+                renameat(state.parent, temporaryName, state.parent, path.name)
+            }
+            guard renamed == 0 else {
                 let saved = errno
-                unlinkat(state.parent, temporaryName, 0)
+                _ = SafeDirectory.withIdentity(identity) { unlinkat(state.parent, temporaryName, 0) }
                 throw SafeDirectory.error(saved, path)
             }
             return SafeDirectory.entry(path, info)
@@ -300,7 +314,7 @@ final class FileWriter: SandboxFileWriter {
         state.withLock { state in
             guard !state.done else { return }
             state.done = true
-            unlinkat(state.parent, temporaryName, 0)
+            _ = SafeDirectory.withIdentity(identity) { unlinkat(state.parent, temporaryName, 0) }
             Glibc.close(state.fd)
             Glibc.close(state.parent)
         }
