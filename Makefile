@@ -97,12 +97,15 @@ load:
 	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
 		$(TEST_VENV)/bin/python bench/load.py $(ARGS)
 
+# Both parts run even when the first fails; the target fails if either did.
 soak:
 	@echo "==> make soak: $(SOAK_LIFECYCLES) session lifecycles (tests/reliability/test_leaks.py), then bench/load.py --duration 600"
+	rc=0; \
 	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) SANDPIPER_LEAK_LIFECYCLES=$(SOAK_LIFECYCLES) \
-		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) tests/reliability/test_leaks.py
+		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) tests/reliability/test_leaks.py || rc=1; \
 	SANDPIPER_BIN=$(LOAD_BIN) SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) \
-		$(TEST_VENV)/bin/python bench/load.py --duration 600 $(ARGS)
+		$(TEST_VENV)/bin/python bench/load.py --duration 600 $(ARGS) || rc=1; \
+	exit $$rc
 
 format:
 	@echo "==> make format: swift format (in place) Sources Tests"
