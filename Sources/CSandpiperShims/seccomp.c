@@ -6,6 +6,7 @@
 #include "CSandpiperShims.h"
 
 #include <errno.h>
+#include <string.h>
 #include <sched.h>
 #include <seccomp.h>
 #include <sys/ioctl.h>
@@ -32,11 +33,29 @@ static const char *denied[] = {
     "query_module", "fanotify_init", "kcmp", "lsm_set_self_attr",
 };
 
-int sandpiper_seccomp_export_bpf(int fd) {
+// What a fork template needs beyond a session: to give each forked session new namespaces
+// (unshare), its own /proc, /tmp and /mnt/data (mount) and hostname. Everything else stays denied.
+static const char *template_allowed[] = {"mount", "unshare", "sethostname"};
+
+static int template_allows(const char *name) {
+    for (unsigned i = 0; i < sizeof(template_allowed) / sizeof(template_allowed[0]); i++) {
+        if (strcmp(template_allowed[i], name) == 0) return 1;
+    }
+    return 0;
+}
+
+static int export_bpf(int fd, int for_template);
+
+int sandpiper_seccomp_export_bpf(int fd) { return export_bpf(fd, 0); }
+
+int sandpiper_seccomp_export_template_bpf(int fd) { return export_bpf(fd, 1); }
+
+static int export_bpf(int fd, int for_template) {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
     if (ctx == NULL) return -ENOMEM;
     int rc = 0;
     for (unsigned i = 0; i < sizeof(denied) / sizeof(denied[0]); i++) {
+        if (for_template && template_allows(denied[i])) continue;
         int nr = seccomp_syscall_resolve_name(denied[i]);
         if (nr == __NR_SCMP_ERROR) continue;  // unknown on this architecture/libseccomp: nothing to deny
         rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0);

@@ -241,7 +241,11 @@ actor ForkTemplate {
             let stderrFD = backend.configuration.inheritAgentStderr ? STDERR_FILENO : stderrPipe.write
             // fd 3: the control socket; 4 and 5: the hand-shake for the uid maps, closed before
             // bubblewrap starts.
-            let fds = [devNull, devNull, stderrFD, pair[1], ready.write, go.read]
+            let templateFilter = open(backend.templateSeccompPath, O_RDONLY | O_CLOEXEC)
+            guard templateFilter >= 0 else { throw SandpiperError.internalError("cannot open the template's filter") }
+            openFDs.append(templateFilter)
+            // 6: the template's own seccomp filter, which bubblewrap installs.
+            let fds = [devNull, devNull, stderrFD, pair[1], ready.write, go.read, templateFilter]
             let handshake = #"echo r >&4 && read x <&5 && exec 4>&- 5<&- && exec "$@""#
             let launcher =
                 [
@@ -258,7 +262,7 @@ actor ForkTemplate {
             )
             record.pid = pid
             try? await backend.records.save(record)
-            for fd in [pair[1], ready.write, go.read, devNull, stderrPipe.write] { close(fd) }
+            for fd in [pair[1], ready.write, go.read, devNull, stderrPipe.write, templateFilter] { close(fd) }
             openFDs = [pair[0], ready.read, go.write]
             let stderrTail = try await OutputTail.drain(stderrPipe.read)
             tail = stderrTail
@@ -355,8 +359,9 @@ actor ForkTemplate {
         return nil
     }
 
-    /// The template's sandbox: the same read-only view as an exec session, no seccomp (it must
-    /// unshare and mount for its sessions), its capabilities kept inside its own user namespace.
+    /// The template's sandbox: the same read-only view as an exec session, its capabilities kept
+    /// inside its own user namespace, and the session filter less unshare, mount and sethostname
+    /// (which it needs to set its sessions up; they install the full filter).
     static func bubblewrapArguments(pool: PoolConfiguration, backend: NamespaceBackend) -> [String] {
         let runtime = backend.configuration.pythonRuntime
         var arguments = [
@@ -376,7 +381,7 @@ actor ForkTemplate {
         for (name, value) in NamespaceSandbox.sandboxEnvironment(runtime: runtime) {
             arguments += ["--setenv", name, value]
         }
-        arguments += ["--remount-ro", "/", "--"]
+        arguments += ["--remount-ro", "/", "--seccomp", "6", "--"]
         arguments += NamespaceSandbox.agentCommand(for: .pythonLTS, runtime: runtime) + ["--template"]
         return worldTraversableParents(arguments)
     }

@@ -73,6 +73,8 @@ public final class NamespaceBackend: SandboxBackend {
     private let usedUIDs = Mutex<Set<UInt32>>([])
     var sessionsDirectory: String { configuration.stateDirectory + "/sessions" }
     var seccompPath: String { configuration.stateDirectory + "/seccomp.bpf" }
+    /// The fork templates' filter (see `sandpiper_seccomp_export_template_bpf`).
+    var templateSeccompPath: String { configuration.stateDirectory + "/seccomp-template.bpf" }
     var etcDirectory: String { configuration.stateDirectory + "/etc" }
     var gvisorRootDirectory: String { configuration.stateDirectory + "/gvisor-root" }
 
@@ -177,14 +179,18 @@ public final class NamespaceBackend: SandboxBackend {
     }
 
     private func writeSeccompProgram() throws {
-        let fd = open(seccompPath + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SandpiperError.internalError("cannot write \(seccompPath)") }
-        let rc = sandpiper_seccomp_export_bpf(fd)
-        close(fd)
-        guard rc == 0 else {
-            throw SandpiperError.internalError("cannot build the seccomp filter (libseccomp error \(rc))")
+        for (path, export) in [
+            (seccompPath, sandpiper_seccomp_export_bpf), (templateSeccompPath, sandpiper_seccomp_export_template_bpf),
+        ] {
+            let fd = open(path + ".tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw SandpiperError.internalError("cannot write \(path)") }
+            let rc = export(fd)
+            close(fd)
+            guard rc == 0 else {
+                throw SandpiperError.internalError("cannot build the seccomp filter (libseccomp error \(rc))")
+            }
+            rename(path + ".tmp", path)
         }
-        rename(seccompPath + ".tmp", seccompPath)
     }
 
     private func writeEtcFiles() throws {

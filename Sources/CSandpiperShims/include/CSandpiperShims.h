@@ -5,6 +5,10 @@
 /// Writes the sandbox's seccomp filter, as raw BPF, to `fd`. Returns 0 or a negative errno.
 int sandpiper_seccomp_export_bpf(int fd);
 
+/// The fork template's filter: the sandbox filter, but unshare, mount and sethostname allowed (the
+/// template sets up each session's namespaces; its sessions then install the full filter).
+int sandpiper_seccomp_export_template_bpf(int fd);
+
 /// pipe2(fds, O_CLOEXEC). Returns 0 or -1 with errno set.
 int sandpiper_pipe_cloexec(int fds[2]);
 
