@@ -8,8 +8,10 @@ lifecycle also uploads and lists a file. Shell sandboxes start in well under 100
 
 After a warm-up (WARMUP lifecycles, then the ready pool full again) the baseline is taken; after
 the run (pool full again) every count must be back: sandbox-uid processes, mounts under the data
-directory, sandbox cgroups, session directories, sqlite sandbox rows; the server's open fds
-within FD_SLACK and its VmRSS within RSS_SLACK_MIB.
+directory and inside the sandboxes' own mount namespaces, sandbox cgroups, session directories,
+sqlite sandbox rows; the server's open fds within FD_SLACK, its VmRSS within RSS_SLACK_MIB, and
+(runs of 500+) its VmRSS trend under RSS_SLOPE_KIB per lifecycle. A table of baseline vs after
+and the RSS trend are printed at the end of the pytest run.
 
 The same runs on a Python pool (sessions forked from the pool's warm template, or launched when
 there is none), fewer times: SANDPIPER_LEAK_PY_LIFECYCLES (default 150).
