@@ -92,7 +92,7 @@ def sandbox_gone(srv, sandbox):
 
 
 @pytest.mark.parametrize("pool", ["python", "shell"])
-def test_agent_killed_mid_execution(agent_server, pool):
+def test_agent_killed_mid_execution(agent_server, pool, report):
     srv = agent_server
     ident = new_id("agentkill")
     warm = execute(srv, pool, ident, "echo ready" if pool == "shell" else "x = 41\nx + 1")
@@ -114,6 +114,8 @@ def test_agent_killed_mid_execution(agent_server, pool):
     assert status >= 400, "a killed agent answered %s: %s" % (status, response.text[:500])
     assert status in (502, 503), (status, response.text)
     assert waited < 15, "the answer took %.1f s" % waited
+    report("agent SIGKILLed mid-execution (%s pool)" % pool, "answer after %.2f s: %s %s: %s" % (
+        waited, status, code, response.json()["error"]["message"][:200]))
 
     # The dead sandbox is cleaned up, and the identifier gets a working (fresh) session.
     assert rh.wait_until(lambda: sandbox_gone(srv, sandbox), timeout=15), "sandbox %s left traces" % sandbox
