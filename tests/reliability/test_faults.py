@@ -298,7 +298,7 @@ def test_full_data_disk(small_tmpfs, servers, report):
     assert r.status_code == 200 and r.json()["result"]["stdout"] == "back\n", r.text
     r = call(srv.upload, "shell", ident, "d.bin", os.urandom(1 << 20))
     assert r.status_code == 200, r.text
-    srv.wait_pool_full(timeout=90, target=srv.ready_count() if srv.ready_count() >= 1 else 1)
+    srv.wait_pool_full(timeout=90)  # the refiller recovers from its failures (backoff up to 30 s)
     assert rh.integrity_check(srv.data_dir) == ["ok"]
     report("full data disk (64 MiB tmpfs): outcomes while full", "\n".join(outcomes))
 
