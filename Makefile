@@ -14,8 +14,8 @@ TEST_VENV := $(SANDPIPER_TEST_VENV)
 SWIFT ?= swift
 SWIFT_TEST_FLAGS ?= --no-parallel
 PYTEST_FLAGS ?= -q
-# Python test directories that exist (tests/agent, tests/e2e may not be written yet).
-PYTEST_DIRS := $(wildcard tests/agent tests/e2e)
+# Python test directories: agents, HTTP end to end, the abuse suite, leaks/faults/hostile clients.
+PYTEST_DIRS := $(wildcard tests/agent tests/e2e tests/security tests/reliability)
 
 # HOST/PORT/CONFIG/DATA_DIR become `serve` flags when set; ARGS is passed as is.
 # TLS=1 serves HTTPS with a self-signed pair made once in $(TLS_DIR) (Semantic Kernel needs https).
