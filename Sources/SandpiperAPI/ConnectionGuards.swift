@@ -182,7 +182,10 @@ final class RequestDeadlineHandler: ChannelDuplexHandler, RemovableChannelHandle
         let (status, code, message): (HTTPResponse.Status, String, String) =
             switch parserError {
             case .headerOverflow:
-                (.init(code: 431), "RequestHeaderFieldsTooLarge", "the request head is over the server's size or count limit")
+                (
+                    .init(code: 431), "RequestHeaderFieldsTooLarge",
+                    "the request head is over the server's size or count limit"
+                )
             default:
                 (.badRequest, "BadRequest", "the request is not valid HTTP/1.1 (\(parserError))")
             }

@@ -1,5 +1,6 @@
 import CSandpiperShims
 import Dispatch
+import Foundation
 import SandpiperCore
 
 #if canImport(Glibc)
@@ -24,8 +25,12 @@ enum ChildProcess {
             for pointer in envp { free(pointer) }
         }
         var pid: pid_t = 0
-        let rc = fds.withUnsafeBufferPointer { table in
-            sandpiper_spawn(&pid, executable, argv, envp, table.baseAddress, Int32(table.count))
+        // From the one thread that never exits: bubblewrap's --die-with-parent (PDEATHSIG) fires
+        // when the *thread* that spawned it ends, and the cooperative pool's threads do end.
+        let rc = SpawnerThread.shared.perform {
+            fds.withUnsafeBufferPointer { table in
+                sandpiper_spawn(&pid, executable, argv, envp, table.baseAddress, Int32(table.count))
+            }
         }
         guard rc == 0 else {
             throw SandpiperError(
@@ -68,5 +73,47 @@ struct Pipe {
         }
         read = fds[0]
         write = fds[1]
+    }
+}
+
+/// A thread that lives as long as the server and runs every spawn: a child's parent-death signal
+/// is tied to the thread that created it, so no sandbox dies with a worker thread of the pool.
+final class SpawnerThread: @unchecked Sendable {
+    static let shared = SpawnerThread()
+
+    private let condition = NSCondition()
+    private var jobs: [() -> Void] = []
+
+    private init() {
+        let thread = Thread { [self] in
+            while true {
+                condition.lock()
+                while jobs.isEmpty { condition.wait() }
+                let job = jobs.removeFirst()
+                condition.unlock()
+                job()
+            }
+        }
+        thread.name = "sandpiper-spawner"
+        thread.start()
+    }
+
+    /// Runs `body` on the spawner thread and waits for it (spawning takes about a millisecond).
+    func perform<T>(_ body: () -> T) -> T {
+        withoutActuallyEscaping(body) { body in
+            nonisolated(unsafe) var result: T?
+            nonisolated(unsafe) let work = body
+            let done = DispatchSemaphore(value: 0)
+            condition.lock()
+            jobs.append {
+                result = work()
+                done.signal()
+            }
+            condition.signal()
+            condition.unlock()
+            done.wait()
+            guard let result else { preconditionFailure("the spawner thread did not run the job") }
+            return result
+        }
     }
 }

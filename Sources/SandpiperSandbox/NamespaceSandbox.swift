@@ -167,16 +167,18 @@ final class NamespaceSandbox: Sandbox {
                 let command = arguments[separator...]
                 let payload = Array(options.map { $0 + "\0" }.joined().utf8)
                 guard payload.count < 60_000,
-                    payload.withUnsafeBytes({ Glibc.write(argumentsPipe.write, $0.baseAddress, $0.count) }) == payload.count
+                    payload.withUnsafeBytes({ Glibc.write(argumentsPipe.write, $0.baseAddress, $0.count) })
+                        == payload.count
                 else { throw SandpiperError.internalError("cannot pass bubblewrap its arguments") }
                 close(argumentsPipe.write)
                 openFDs.removeAll { $0 == argumentsPipe.write }
                 fds.append(argumentsPipe.read)
                 closeAfterSpawn.append(argumentsPipe.read)
-                launcher = [
-                    config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
-                    "--inh-caps=-all", "--", config.bubblewrap, "--args", "\(fds.count - 1)",
-                ] + command
+                launcher =
+                    [
+                        config.setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
+                        "--inh-caps=-all", "--", config.bubblewrap, "--args", "\(fds.count - 1)",
+                    ] + command
             case .gvisor:
                 // Egress: a network namespace with slirp4netns, made before runsc joins it.
                 var networkNamespace: String?
@@ -229,7 +231,9 @@ final class NamespaceSandbox: Sandbox {
             record.pid = pid
             try? await backend.records.save(record)
             // The child has its copies; keep only the host ends.
-            for fd in [toAgent.read, fromAgent.write, seccomp, devNull, stderrPipe.write] + closeAfterSpawn { close(fd) }
+            for fd in [toAgent.read, fromAgent.write, seccomp, devNull, stderrPipe.write] + closeAfterSpawn {
+                close(fd)
+            }
             openFDs = [toAgent.write, fromAgent.read]
             let stderrTail = try await OutputTail.drain(stderrPipe.read)
             tail = stderrTail
@@ -448,7 +452,10 @@ final class NamespaceSandbox: Sandbox {
         guard reply.type == "result" else {
             // An agent that cannot run a cell (no thread, no descriptor left: the session's own
             // limits, exhausted by its code) will not recover: end it, like a dead agent.
-            logger.warning("agent refused an execution; destroying the sandbox", metadata: ["reply": "\(reply.message ?? reply.type)"])
+            logger.warning(
+                "agent refused an execution; destroying the sandbox",
+                metadata: ["reply": "\(reply.message ?? reply.type)"]
+            )
             await destroy()
             throw SandpiperError(
                 .sandboxFailure,
