@@ -8,6 +8,7 @@
 #include <sys/vfs.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #ifndef NS_GET_USERNS
@@ -69,4 +70,12 @@ long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeo
         n = read(fd, buffer, count);
     } while (n < 0 && errno == EINTR);
     return n;
+}
+
+int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned long size) {
+    return fsetxattr(fd, name, value, size, 0);
+}
+
+long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size) {
+    return fgetxattr(fd, name, value, size);
 }

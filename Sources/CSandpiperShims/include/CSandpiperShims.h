@@ -23,4 +23,10 @@ int sandpiper_ns_get_userns(int fd);
 /// Waits up to `timeout_ms` for `fd` to be readable, then reads up to `count` bytes.
 /// Returns the byte count, 0 at EOF, -1 with errno (ETIMEDOUT on timeout).
 long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms);
+
+/// fsetxattr(2): sets extended attribute `name` on `fd`. Returns 0 or -1 with errno set.
+int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned long size);
+
+/// fgetxattr(2): reads extended attribute `name` of `fd`. Returns its size or -1 with errno set.
+long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size);
 #endif
