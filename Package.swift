@@ -153,8 +153,8 @@ let package = Package(
         .testTarget(
             name: "SandpiperImagesTests",
             dependencies: [
-                "SandpiperCore", "SandpiperImages",
-                .product(name: "Crypto", package: "swift-crypto"),
+                "SandpiperCore", "SandpiperImages", "CSandpiperShims",
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
