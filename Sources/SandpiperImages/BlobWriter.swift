@@ -61,7 +61,14 @@ final class BlobWriter {
     }
 
     func write(_ bytes: [UInt8]) throws(SandpiperError) {
-        try bytes.withUnsafeBytes { (raw) throws(SandpiperError) in try write(raw) }
+        let result = bytes.withUnsafeBytes { raw -> Result<Void, SandpiperError> in
+            do throws(SandpiperError) {
+                return .success(try write(raw))
+            } catch {
+                return .failure(error)
+            }
+        }
+        try result.get()
     }
 
     /// Verifies (digest and size when given), syncs and moves the blob into `blobDirectory`.

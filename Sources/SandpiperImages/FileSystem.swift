@@ -9,9 +9,9 @@ import SandpiperCore
 /// Small filesystem helpers that never follow a symlink.
 enum FileSystem {
     /// Runs blocking work (file I/O, waiting on a child) off Swift's cooperative threads.
-    static func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(SandpiperError) -> T) async throws(
-        SandpiperError
-    ) -> T {
+    static func blocking<T: Sendable>(_ body: @escaping @Sendable () throws(SandpiperError) -> T)
+        async throws(SandpiperError) -> T
+    {
         let result: Result<T, SandpiperError> = await withCheckedContinuation { continuation in
             DispatchQueue.global().async {
                 do throws(SandpiperError) {
@@ -28,28 +28,21 @@ enum FileSystem {
 
     /// Removes `name` in directory `parent`, recursively, never following a symlink.
     static func removeTree(parent: Int32, name: [UInt8]) throws(SandpiperError) {
-        let cName = name + [0]
         var info = stat()
-        let statResult = cName.withUnsafeBufferPointer { name in
-            name.withMemoryRebound(to: CChar.self) { fstatat(parent, $0.baseAddress, &info, AT_SYMLINK_NOFOLLOW) }
-        }
+        let statResult = LayerUnpacker.withCName(name) { fstatat(parent, $0, &info, AT_SYMLINK_NOFOLLOW) }
         guard statResult == 0 else {
             if errno == ENOENT { return }
             throw SandpiperError.internalError("cannot inspect \(display(name)): \(errorText())")
         }
         if info.st_mode & S_IFMT == S_IFDIR {
-            let fd = cName.withUnsafeBufferPointer { name in
-                name.withMemoryRebound(to: CChar.self) {
-                    openat(parent, $0.baseAddress, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-                }
+            let fd = LayerUnpacker.withCName(name) {
+                openat(parent, $0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             }
             guard fd >= 0 else { throw SandpiperError.internalError("cannot open \(display(name)): \(errorText())") }
             try removeContents(directory: fd)
         }
         let flags = info.st_mode & S_IFMT == S_IFDIR ? AT_REMOVEDIR : 0
-        let rc = cName.withUnsafeBufferPointer { name in
-            name.withMemoryRebound(to: CChar.self) { unlinkat(parent, $0.baseAddress, flags) }
-        }
+        let rc = LayerUnpacker.withCName(name) { unlinkat(parent, $0, flags) }
         guard rc == 0 || errno == ENOENT else {
             throw SandpiperError.internalError("cannot remove \(display(name)): \(errorText())")
         }

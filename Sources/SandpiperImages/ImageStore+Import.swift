@@ -21,7 +21,8 @@ extension ImageStore {
         platform: ImagePlatform = .host,
         progress: ImageProgressHandler? = nil
     ) async throws(SandpiperError) -> [ImageRecord] {
-        let explicitName = try name.map { (text) throws(SandpiperError) in try ImageReference(parsing: text).description }
+        let explicitName = try name.map { (text) throws(SandpiperError) in try ImageReference(parsing: text).description
+        }
         var info = stat()
         guard stat(path, &info) == 0 else {
             throw SandpiperError.notFound("cannot open \(path): \(FileSystem.errorText())", code: "ArchiveNotFound")
@@ -29,7 +30,7 @@ extension ImageStore {
         let lock = try await StoreLock.acquire(root + "/lock")
         defer { lock.release() }
         try cleanTemporary()
-        do {
+        do throws(SandpiperError) {
             var archive: ImageArchive
             if info.st_mode & S_IFMT == S_IFDIR {
                 archive = ImageArchive(directory: path)
@@ -95,7 +96,10 @@ extension ImageStore {
         } catch let error as SandpiperError {
             throw error
         } catch {
-            throw SandpiperError.invalid("manifest.json is not a docker save manifest: \(error)", code: "InvalidImageArchive")
+            throw SandpiperError.invalid(
+                "manifest.json is not a docker save manifest: \(error)",
+                code: "InvalidImageArchive"
+            )
         }
         var records: [ImageRecord] = []
         for entry in entries {
@@ -157,7 +161,10 @@ extension ImageStore {
         progress: ImageProgressHandler?
     ) async throws(SandpiperError) -> [ImageRecord] {
         let indexFile = try await member(&archive, "index.json")
-        let index = try decodeManifest(try readSmallBlob(indexFile.digest, limit: limits.maxManifestBytes), "index.json")
+        let index = try decodeManifest(
+            try readSmallBlob(indexFile.digest, limit: limits.maxManifestBytes),
+            "index.json"
+        )
         var records: [ImageRecord] = []
         for descriptor in index.manifests ?? [] {
             var chosen = descriptor
@@ -178,7 +185,10 @@ extension ImageStore {
                 document = try await verifiedManifest(entry, archive: &archive)
             }
             guard let configDescriptor = document.config, let layers = document.layers else {
-                throw SandpiperError.invalid("manifest \(chosen.digest.short) has no config or layers", code: "InvalidImage")
+                throw SandpiperError.invalid(
+                    "manifest \(chosen.digest.short) has no config or layers",
+                    code: "InvalidImage"
+                )
             }
             let annotations = descriptor.annotations ?? [:]
             let name: String
@@ -217,7 +227,11 @@ extension ImageStore {
         -> ManifestDocument
     {
         guard descriptor.size <= Int64(limits.maxManifestBytes) else {
-            throw SandpiperError(.payloadTooLarge, code: "ImageTooLarge", "manifest \(descriptor.digest.short) is too large")
+            throw SandpiperError(
+                .payloadTooLarge,
+                code: "ImageTooLarge",
+                "manifest \(descriptor.digest.short) is too large"
+            )
         }
         let file = try await archiveBlob(&archive, descriptor)
         return try decodeManifest(try readSmallBlob(file.digest, limit: limits.maxManifestBytes), "a manifest")
@@ -339,16 +353,15 @@ extension ImageStore {
                 expectedSize: expectedSize,
                 what: path
             )
-            var source = FileDescriptorSource(fd: fd)
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             while true {
-                let count = try buffer.withUnsafeMutableBytes { (bytes) throws(SandpiperError) in
-                    try source.read(into: bytes)
+                let count = Glibc.read(fd, &buffer, buffer.count)
+                if count < 0 {
+                    if errno == EINTR { continue }
+                    throw SandpiperError.internalError("cannot read \(path): \(FileSystem.errorText())")
                 }
                 if count == 0 { break }
-                try buffer.withUnsafeBytes { (bytes) throws(SandpiperError) in
-                    try writer.write(UnsafeRawBufferPointer(rebasing: bytes[0..<count]))
-                }
+                try writer.write(Array(buffer[0..<count]))
             }
             let (digest, size) = try writer.commit(into: blobs, expected: nil)
             return ArchiveFile(digest: digest, size: size)

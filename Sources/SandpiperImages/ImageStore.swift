@@ -1,5 +1,7 @@
+import AsyncHTTPClient
 import Foundation
 import Logging
+import NIOCore
 import SandpiperCore
 
 #if canImport(Glibc)
@@ -120,7 +122,7 @@ public actor ImageStore {
             limits: limits,
             logger: logger
         )
-        do {
+        do throws(SandpiperError) {
             let record = try await pull(reference, client: client, platform: platform, progress: progress)
             await client.shutdown()
             return record
@@ -209,7 +211,9 @@ public actor ImageStore {
                 try chunk.withUnsafeReadableBytes { (bytes) throws(SandpiperError) in try writer.write(bytes) }
                 if clock.now - lastReport > .milliseconds(500) {
                     lastReport = clock.now
-                    progress?(.downloading(index: index, digest: layer.digest, received: writer.count, total: layer.size))
+                    progress?(
+                        .downloading(index: index, digest: layer.digest, received: writer.count, total: layer.size)
+                    )
                 }
             }
         } catch let error as SandpiperError {
@@ -253,7 +257,9 @@ public actor ImageStore {
         }
         let bytes = [UInt8](data)
         let actual = Digest.of(bytes)
-        guard actual == digest else { throw RegistryClient.digestMismatch("stored blob", expected: digest, actual: actual) }
+        guard actual == digest else {
+            throw RegistryClient.digestMismatch("stored blob", expected: digest, actual: actual)
+        }
         return bytes
     }
 
@@ -294,7 +300,7 @@ public actor ImageStore {
         let logger = logger
         let skipped = try await FileSystem.blocking { () throws(SandpiperError) -> Int in
             try FileSystem.makeDirectory(work + "/rootfs", mode: 0o755)
-            do {
+            do throws(SandpiperError) {
                 let skipped = try Self.unpackBlocking(
                     blobPath: blobPath,
                     into: work + "/rootfs",

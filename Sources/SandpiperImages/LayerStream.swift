@@ -59,7 +59,8 @@ final class LayerStream {
         defer { if devNull >= 0 { Glibc.close(devNull) } }
         let arguments = [tool, "-dc"]
         let argv = arguments.map { strdup($0) } + [nil]
-        let envp = ["PATH=/usr/bin:/bin", "LC_ALL=C"].map { strdup($0) } + [nil]
+        let environment: [String] = ["PATH=/usr/bin:/bin", "LC_ALL=C"]
+        let envp = environment.map { strdup($0) } + [nil]
         defer {
             for pointer in argv { free(pointer) }
             for pointer in envp { free(pointer) }

@@ -152,7 +152,8 @@ struct LayerUnpacker {
         }
         // Regular files keep their permission bits and the sticky bit, never setuid or setgid.
         fchmod(fd, mode_t(entry.mode & 0o1777))
-        var times = [timespec(tv_sec: entry.modified, tv_nsec: 0), timespec(tv_sec: entry.modified, tv_nsec: 0)]
+        let seconds = Int(clamping: entry.modified)
+        var times = [timespec(tv_sec: seconds, tv_nsec: 0), timespec(tv_sec: seconds, tv_nsec: 0)]
         futimens(fd, &times)
     }
 
@@ -337,6 +338,7 @@ struct LayerUnpacker {
     }
 
     private func setTime(_ parent: Int32, _ name: UnsafePointer<CChar>, _ seconds: Int64, flags: Int32) {
+        let seconds = Int(clamping: seconds)
         var times = [timespec(tv_sec: seconds, tv_nsec: 0), timespec(tv_sec: seconds, tv_nsec: 0)]
         utimensat(parent, name, &times, flags)
     }

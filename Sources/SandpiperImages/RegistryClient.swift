@@ -112,7 +112,10 @@ final class RegistryClient: Sendable {
         }
         let chosen = try await manifest(match.digest.description, expected: match.digest, size: match.size)
         guard !chosen.document.isIndex else {
-            throw SandpiperError.invalid("\(reference): an index inside an index is not supported", code: "InvalidImage")
+            throw SandpiperError.invalid(
+                "\(reference): an index inside an index is not supported",
+                code: "InvalidImage"
+            )
         }
         return try checked(chosen)
     }
@@ -294,9 +297,17 @@ final class RegistryClient: Sendable {
         case 404:
             return .notFound("\(reference) was not found on \(reference.registry)\(suffix)", code: "ImageNotFound")
         case 429:
-            return SandpiperError(.unavailable, code: "RegistryRateLimited", "\(reference.registry) rate-limits us\(suffix)")
+            return SandpiperError(
+                .unavailable,
+                code: "RegistryRateLimited",
+                "\(reference.registry) rate-limits us\(suffix)"
+            )
         default:
-            return SandpiperError(.unavailable, code: "RegistryError", "\(reference.registry) answered HTTP \(status)\(suffix)")
+            return SandpiperError(
+                .unavailable,
+                code: "RegistryError",
+                "\(reference.registry) answered HTTP \(status)\(suffix)"
+            )
         }
     }
 
@@ -358,7 +369,9 @@ final class RegistryClient: Sendable {
         }
         var query = components.queryItems ?? []
         if let service = parameters["service"] { query.append(URLQueryItem(name: "service", value: service)) }
-        query.append(URLQueryItem(name: "scope", value: parameters["scope"] ?? "repository:\(reference.repository):pull"))
+        query.append(
+            URLQueryItem(name: "scope", value: parameters["scope"] ?? "repository:\(reference.repository):pull")
+        )
         components.queryItems = query
         guard let url = components.url?.absoluteString else {
             throw SandpiperError(.unauthorized, code: "RegistryUnauthorized", "bad token realm '\(realm)'")
@@ -390,7 +403,7 @@ final class RegistryClient: Sendable {
                 case accessToken = "access_token"
             }
         }
-        guard let decoded = try? JSONDecoder().decode(TokenResponse.self, from: Data(buffer: body)),
+        guard let decoded = try? JSONDecoder().decode(TokenResponse.self, from: Data(body.readableBytesView)),
             let token = decoded.token ?? decoded.accessToken, !token.isEmpty
         else {
             throw SandpiperError(.unauthorized, code: "RegistryUnauthorized", "the token service sent no token")

@@ -216,9 +216,15 @@ struct TarReader<Source: ByteSource> {
         guard start < end else { throw Self.corrupt("the archive ends inside a member's data") }
         let count = Int(min(Int64(end - start), remaining, Int64(maxCount)))
         let from = start
-        try buffer.withUnsafeBytes { (bytes) throws(SandpiperError) in
-            try body(UnsafeRawBufferPointer(rebasing: bytes[from..<from + count]))
+        // withUnsafeBytes rethrows untyped errors: the typed one goes through a Result.
+        let result = buffer.withUnsafeBytes { bytes -> Result<Void, SandpiperError> in
+            do throws(SandpiperError) {
+                return .success(try body(UnsafeRawBufferPointer(rebasing: bytes[from..<from + count])))
+            } catch {
+                return .failure(error)
+            }
         }
+        try result.get()
         start += count
         remaining -= Int64(count)
         return count
@@ -262,12 +268,17 @@ struct TarReader<Source: ByteSource> {
             start = 0
         }
         let from = end
-        let count = try buffer.withUnsafeMutableBytes { (bytes) throws(SandpiperError) -> Int in
+        let result = buffer.withUnsafeMutableBytes { bytes -> Result<Int, SandpiperError> in
             let free = UnsafeMutableRawBufferPointer(rebasing: bytes[from...])
-            let count = try source.read(into: free)
-            hasher.update(UnsafeRawBufferPointer(rebasing: free[0..<count]))
-            return count
+            do throws(SandpiperError) {
+                let count = try source.read(into: free)
+                hasher.update(UnsafeRawBufferPointer(rebasing: free[0..<count]))
+                return .success(count)
+            } catch {
+                return .failure(error)
+            }
         }
+        let count = try result.get()
         if count == 0 { sourceEnded = true }
         end += count
     }

@@ -47,7 +47,7 @@ struct Image: AsyncParsableCommand {
             value /= 1024
             unit += 1
         }
-        return unit == 0 ? "\(count) B" : String(format: "%.1f %@", value, units[unit])
+        return unit == 0 ? "\(count) B" : String(format: "%.1f ", value) + units[unit]
     }
 
     /// Progress lines on stderr.
@@ -62,7 +62,8 @@ struct Image: AsyncParsableCommand {
             case .downloading(let index, let digest, let received, let total):
                 line = "layer \(index + 1)/\(layers.get()) \(digest.short): \(bytes(received)) / \(bytes(total))"
             case .downloaded(let index, let digest, let cached):
-                line = "layer \(index + 1)/\(layers.get()) \(digest.short): \(cached ? "already present" : "downloaded")"
+                line =
+                    "layer \(index + 1)/\(layers.get()) \(digest.short): \(cached ? "already present" : "downloaded")"
             case .unpacked(let index, let diffID, let cached, let skipped):
                 let note = skipped > 0 ? " (\(skipped) device/FIFO member(s) skipped)" : ""
                 line =
@@ -96,7 +97,10 @@ struct Image: AsyncParsableCommand {
         var passwordStdin = false
         @Option(help: "The platform to pick from a multi-platform image (default linux/<this machine>).")
         var platform: String?
-        @Option(name: .customLong("max-layer-size"), help: "Largest compressed layer accepted, in bytes (default 4 GiB).")
+        @Option(
+            name: .customLong("max-layer-size"),
+            help: "Largest compressed layer accepted, in bytes (default 4 GiB)."
+        )
         var maxLayerSize: Int64?
         @OptionGroup var store: StoreOptions
 

@@ -14,7 +14,10 @@ import Testing
         """
 
     static func config(diffIDs: [Digest]) -> [UInt8] {
-        Array(configJSON.replacingOccurrences(of: "DIFFIDS", with: diffIDs.map { "\"\($0)\"" }.joined(separator: ",")).utf8)
+        Array(
+            configJSON.replacingOccurrences(of: "DIFFIDS", with: diffIDs.map { "\"\($0)\"" }.joined(separator: ","))
+                .utf8
+        )
     }
 
     static func layer(_ files: [(String, String)]) -> [UInt8] {
@@ -94,7 +97,11 @@ import Testing
         let events = Mutex<[ImageProgress]>([])
         let imported = try await store.importArchive(archive) { event in events.withLock { $0.append(event) } }
         #expect(imported.map(\.name) == ["docker.io/library/web:1", "127.0.0.1:5000/web:1"])
-        #expect(events.withLock { $0 }.contains(.stored(name: "docker.io/library/web:1", manifest: imported[0].manifestDigest)))
+        #expect(
+            events.withLock { $0 }.contains(
+                .stored(name: "docker.io/library/web:1", manifest: imported[0].manifestDigest)
+            )
+        )
 
         let resolved = try await store.resolve("web:1")
         #expect(resolved.config.entrypoint == ["/bin/app"])
@@ -111,7 +118,9 @@ import Testing
         #expect(FileManager.default.contents(atPath: baseDirectory + "/etc/os-release") == Data("ID=test\n".utf8))
         #expect(FileManager.default.contents(atPath: topDirectory + "/srv/index.html") == Data("hello\n".utf8))
         // By manifest digest too.
-        #expect(try await store.resolve(String(imported[0].manifestDigest.hex.prefix(16))).record.name == imported[0].name)
+        #expect(
+            try await store.resolve(String(imported[0].manifestDigest.hex.prefix(16))).record.name == imported[0].name
+        )
 
         // An OCI layout sharing the base layer: unpacked once.
         let layout = dir.path + "/layout"

@@ -20,7 +20,9 @@ import Testing
     .serialized
 )
 struct RegistryIntegrationTests {
-    static let tools = ["/usr/bin/docker-registry", "/usr/bin/umoci", "/usr/bin/skopeo", "/bin/busybox", "/usr/bin/htpasswd"]
+    static let tools = [
+        "/usr/bin/docker-registry", "/usr/bin/umoci", "/usr/bin/skopeo", "/bin/busybox", "/usr/bin/htpasswd",
+    ]
 
     @discardableResult
     static func run(_ tool: String, _ arguments: [String], input: String? = nil) throws -> String {
@@ -103,7 +105,7 @@ struct RegistryIntegrationTests {
     }
 
     /// `docker-registry` on a free loopback port with its storage in `directory`.
-    final class Registry: Sendable {
+    final class Registry {
         let port: Int
         let process: Process
 
@@ -241,7 +243,9 @@ struct RegistryIntegrationTests {
         // The session's writes land in its own upper layer, never in the shared layers.
         try "scratch\n".write(toFile: merged + "/www/written.html", atomically: false, encoding: .utf8)
         #expect(FileManager.default.fileExists(atPath: scratch + "/upper/www/written.html"))
-        #expect(resolved.layerDirectories.allSatisfy { !FileManager.default.fileExists(atPath: $0 + "/www/written.html") })
+        #expect(
+            resolved.layerDirectories.allSatisfy { !FileManager.default.fileExists(atPath: $0 + "/www/written.html") }
+        )
     }
 
     @Test func pullRunImportAndRemove() async throws {
@@ -293,7 +297,10 @@ struct RegistryIntegrationTests {
         await #expect(throws: SandpiperError.self) { try await store.pull(wrongDigest, insecure: true) }
 
         // skopeo's oci-archive and docker-archive exports import to the same layers.
-        try Self.run("/usr/bin/skopeo", ["copy", "--quiet", "oci:\(layout):web", "oci-archive:\(dir.path)/web-oci.tar:2"])
+        try Self.run(
+            "/usr/bin/skopeo",
+            ["copy", "--quiet", "oci:\(layout):web", "oci-archive:\(dir.path)/web-oci.tar:2"]
+        )
         try Self.run(
             "/usr/bin/skopeo",
             ["copy", "--quiet", "oci:\(layout):web", "docker-archive:\(dir.path)/web-docker.tar:web:3"]
@@ -363,8 +370,10 @@ struct RegistryIntegrationTests {
             let data = dir.path + "/cli-data"
             try Self.run(
                 binary,
-                ["image", "pull", "--insecure", "--username", "sandpiper", "--password-stdin", "--data-dir", data,
-                    reference.description],
+                [
+                    "image", "pull", "--insecure", "--username", "sandpiper", "--password-stdin", "--data-dir", data,
+                    reference.description,
+                ],
                 input: "s3cret\n"
             )
             let listing = try Self.run(binary, ["image", "ls", "--data-dir", data])
