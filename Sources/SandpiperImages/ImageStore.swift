@@ -59,7 +59,7 @@ public actor ImageStore {
     /// The stored image `reference` names (a reference, or a manifest digest or its hex prefix of
     /// at least 12 digits), with its layer directories for the runtime.
     public func resolve(_ reference: String) throws(SandpiperError) -> ResolvedImage {
-        let record = try find(reference, in: loadIndex())
+        let record = try find(reference, in: loadIndex(), sameImageIsAmbiguous: false)
         var directories: [String] = []
         for layer in record.layers {
             let path = layerRoot(layer.diffID)
@@ -74,12 +74,17 @@ public actor ImageStore {
         return ResolvedImage(record: record, layerDirectories: directories)
     }
 
-    func find(_ text: String, in records: [ImageRecord]) throws(SandpiperError) -> ImageRecord {
+    /// The one record `text` names. A digest that several names share is ambiguous for removal
+    /// but not for resolving (they are the same image).
+    func find(_ text: String, in records: [ImageRecord], sameImageIsAmbiguous: Bool = true) throws(SandpiperError)
+        -> ImageRecord
+    {
         let matches = try matching(text, in: records)
         guard let first = matches.first else {
             throw SandpiperError.notFound("no image '\(text)' in the store", code: "ImageNotFound")
         }
-        guard matches.count == 1 else {
+        let sameImage = matches.allSatisfy { $0.manifestDigest == first.manifestDigest }
+        guard matches.count == 1 || (sameImage && !sameImageIsAmbiguous) else {
             throw SandpiperError(
                 .conflict,
                 code: "AmbiguousImage",

@@ -245,10 +245,10 @@ struct LayerUnpacker {
         let isDirectory = info.st_mode & S_IFMT == S_IFDIR
         if isDirectory && withDirectory { return }
         if isDirectory {
-            // The removed directory may be the cached parent or one of its ancestors.
-            dropCachedParent()
-            try FileSystem.removeTree(parent: parent, name: name)
+            // The removed directory may be the cached parent or one of its ancestors (never `parent`).
             let prefix = key + [UInt8(ascii: "/")]
+            if let cached = cachedParent?.key, cached == key || cached.starts(with: prefix) { dropCachedParent() }
+            try FileSystem.removeTree(parent: parent, name: name)
             created = created.filter { !$0.key.starts(with: prefix) }
         } else {
             let removed = Self.withCName(name) { unlinkat(parent, $0, 0) }

@@ -117,10 +117,13 @@ import Testing
         #expect(resolved.overlayLowerDirectories == topDirectory + ":" + baseDirectory)
         #expect(FileManager.default.contents(atPath: baseDirectory + "/etc/os-release") == Data("ID=test\n".utf8))
         #expect(FileManager.default.contents(atPath: topDirectory + "/srv/index.html") == Data("hello\n".utf8))
-        // By manifest digest too.
-        #expect(
-            try await store.resolve(String(imported[0].manifestDigest.hex.prefix(16))).record.name == imported[0].name
-        )
+        // By manifest digest too (both names are the same image, so that is not ambiguous here).
+        let byDigest = try await store.resolve(String(imported[0].manifestDigest.hex.prefix(16)))
+        #expect(byDigest.record.manifestDigest == imported[0].manifestDigest)
+        let ambiguous = await #expect(throws: SandpiperError.self) {
+            try await store.remove(imported[0].manifestDigest.description)
+        }
+        #expect(ambiguous?.code == "AmbiguousImage")
 
         // An OCI layout sharing the base layer: unpacked once.
         let layout = dir.path + "/layout"
@@ -213,9 +216,11 @@ import Testing
 
         let sized = try BlobWriter(temporaryDirectory: dir.path, limit: 1024, expectedSize: 4, what: "sized")
         #expect(throws: SandpiperError.self) { try sized.write(data) }
+        sized.discard()
         let limited = try BlobWriter(temporaryDirectory: dir.path, limit: 4, expectedSize: nil, what: "limited")
         let tooLarge = #expect(throws: SandpiperError.self) { try limited.write(data) }
         #expect(tooLarge?.kind == .payloadTooLarge)
+        limited.discard()
 
         let good = try BlobWriter(temporaryDirectory: dir.path, limit: 1024, expectedSize: 12, what: "good")
         try good.write(data)
