@@ -51,6 +51,12 @@ struct RegistryIntegrationTests {
         return text
     }
 
+    /// SIGKILL: children of the test runner inherit its blocked signals, so SIGTERM may never arrive.
+    static func kill(_ process: Process) {
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
     static func freePort() throws -> Int {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
@@ -144,8 +150,7 @@ struct RegistryIntegrationTests {
         }
 
         func stop() {
-            process.terminate()
-            process.waitUntilExit()
+            RegistryIntegrationTests.kill(process)
         }
     }
 
@@ -230,10 +235,7 @@ struct RegistryIntegrationTests {
         server.executableURL = URL(fileURLWithPath: "/usr/sbin/chroot")
         server.arguments = [merged, "/bin/busybox", "httpd", "-f", "-p", "127.0.0.1:\(port)", "-h", "/www"]
         try server.run()
-        defer {
-            server.terminate()
-            server.waitUntilExit()
-        }
+        defer { kill(server) }
         try waitForHTTP(port: port, path: "/index.html")
         let page = httpGet(port: port, path: "/index.html") ?? ""
         #expect(page.hasPrefix("HTTP/1.") && page.contains(" 200 "))
