@@ -21,6 +21,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
     ],
     targets: [
         // Domain model shared by every layer: errors, pool configuration, identifiers,
@@ -85,6 +87,21 @@ let package = Package(
             resources: [.copy("Resources/openapi.json")],
             swiftSettings: swiftSettings
         ),
+        // OCI images for custom container pools: references, the registry client (distribution v2,
+        // basic and bearer auth), the content-addressed store and safe layer unpacking.
+        .target(
+            name: "SandpiperImages",
+            dependencies: [
+                "SandpiperCore",
+                "CSandpiperShims",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "sandpiper",
             dependencies: [
@@ -93,6 +110,7 @@ let package = Package(
                 "SandpiperSandbox",
                 "SandpiperStore",
                 "SandpiperAPI",
+                "SandpiperImages",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
@@ -130,6 +148,14 @@ let package = Package(
                 "SandpiperCore", "SandpiperSessions", "SandpiperAPI", "SandpiperStore", "SandpiperTestSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "SandpiperImagesTests",
+            dependencies: [
+                "SandpiperCore", "SandpiperImages", "CSandpiperShims",
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -41,7 +41,8 @@ TEST_IMPORTS="pytest, requests, httpx, langchain_azure_dynamic_sessions"
 
 APT_COMMON=(python3 python3-venv ca-certificates)
 APT_ALL=(bubblewrap libseccomp-dev slirp4netns uidmap util-linux python3 python3-venv libsqlite3-dev
-    procps iproute2 curl ca-certificates runsc openssl)
+    procps iproute2 curl ca-certificates runsc openssl
+    gzip zstd docker-registry umoci skopeo busybox-static apache2-utils)
 
 do_runtime=1
 do_test=1

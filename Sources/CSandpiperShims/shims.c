@@ -8,6 +8,7 @@
 #include <sys/vfs.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -106,4 +107,10 @@ int sandpiper_seqpacket_pair(int fds[2]) {
 void sandpiper_set_fs_identity(uid_t uid, gid_t gid) {
     setfsgid(gid);
     setfsuid(uid);
+int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned long size) {
+    return fsetxattr(fd, name, value, size, 0);
+}
+
+long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size) {
+    return fgetxattr(fd, name, value, size);
 }

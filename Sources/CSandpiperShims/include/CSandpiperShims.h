@@ -37,4 +37,9 @@ int sandpiper_seqpacket_pair(int fds[2]);
 
 /// This thread's filesystem uid and gid (setfsgid, then setfsuid: per thread, unlike setuid).
 void sandpiper_set_fs_identity(uid_t uid, gid_t gid);
+/// fsetxattr(2): sets extended attribute `name` on `fd`. Returns 0 or -1 with errno set.
+int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned long size);
+
+/// fgetxattr(2): reads extended attribute `name` of `fd`. Returns its size or -1 with errno set.
+long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size);
 #endif
