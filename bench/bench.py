@@ -268,6 +268,11 @@ def loadavg():
     return tuple(round(x, 2) for x in os.getloadavg())
 
 
+def fmt_load(load):
+    """A load average triple as `1.0/2.0/3.0` (1, 5, 15 minutes)."""
+    return "/".join("%.1f" % x for x in load) if load else "?"
+
+
 def process_children():
     """ppid -> [pid] over every live process, from /proc/<pid>/stat (the ppid of a thread's child
     is the thread group's pid; /proc/<pid>/task/*/children needs CONFIG_PROC_CHILDREN, which not
@@ -534,12 +539,26 @@ class Server:
         with self.cond:
             return len(self.ready_times) - len(self.allocated_times)
 
+    def crash_reason(self):
+        """The line of the server's log that says why it died (Swift runtime failures, fatal errors)."""
+        try:
+            text = open(self.log_path, errors="replace").read()
+        except OSError:
+            return ""
+        for line in text.splitlines():
+            if re.search(r"Fatal error|runtime failure|escaped|precondition|Illegal instruction|Segmentation", line):
+                return line.strip()[:300]
+        return ""
+
     def wait_pool_full(self, timeout=120):
         deadline = time.monotonic() + timeout
         with self.cond:
             while len(self.ready_times) - len(self.allocated_times) < self.ready_target:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("sandpiper exited (status %s) while the pool refilled: %s" % (
+                        self.proc.returncode, self.crash_reason() or self.log_tail(600)))
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
+                if left <= 0:
                     raise RuntimeError("pool not full after %d s:\n%s" % (timeout, self.log_tail()))
                 self.cond.wait(min(left, 0.5))
 
@@ -879,21 +898,24 @@ def mode_warm(server, n):
     time.sleep(0.5)
     for _ in range(20):
         client.execute(ident, "1+1")
-    samples = []
+    samples, agent = [], []
     for _ in range(n):
         t = time.perf_counter()
         props = client.execute(ident, "1+1")
         samples.append(time.perf_counter() - t)
         assert props["result"] == 2, props
+        agent.append(float(props.get("executionTimeInMilliseconds", "nan")))
     client.delete_session(ident)
     client.close()
-    return summary(samples)
+    out = summary(samples)
+    out["agent_p50_ms"] = pct(agent, 50)  # the agent's own executionTimeInMilliseconds (whole ms)
+    return out
 
 
 def mode_new_identifier(server, n, code, expect_image=False):
     """New identifier -> first result, the pool full before each call (sequential)."""
     client = Client(server)
-    samples, idents = [], []
+    samples, idents, agent = [], [], []
     for _ in range(n):
         server.wait_pool_full(timeout=600)
         time.sleep(0.2)
@@ -902,6 +924,7 @@ def mode_new_identifier(server, n, code, expect_image=False):
         props = client.execute(ident, code)
         samples.append(time.perf_counter() - t)
         idents.append(ident)
+        agent.append(float(props.get("executionTimeInMilliseconds", "nan")))
         if expect_image:
             result = props.get("result")
             assert isinstance(result, dict) and result.get("type") == "image" and result.get("base64_data"), \
@@ -912,6 +935,7 @@ def mode_new_identifier(server, n, code, expect_image=False):
     delete_sessions(server, idents)
     out = summary(samples)
     out["samples_ms"] = [ms(x) for x in samples]
+    out["agent_p50_ms"] = pct(agent, 50)  # of it, the cell itself in the agent (whole ms)
     return out
 
 
@@ -1668,8 +1692,18 @@ def fork_table(lm, r, args):
 
     def part(server, key):
         if "error" in server:
-            return {"error": server["error"]}
+            return {"error": "server failed, see below"}
         return server.get(key) or {"error": "not run"}
+
+    def each(objs, render):
+        """`fork / exec` of a figure for the notes; "n/a" where missing."""
+        out = []
+        for x in objs:
+            try:
+                out.append("n/a" if "error" in x else render(x))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                out.append("n/a")
+        return " / ".join(out)
 
     def cell(obj, render):
         if "error" in obj:
@@ -1708,10 +1742,10 @@ def fork_table(lm, r, args):
         "\"sandbox ready\"); from the first allocation: %s /s; steady ready-line rate: %s /s, gap p50 %s ms; "
         "request-path launches during the drain: %s (fork / exec)" % (
             args.drain_threads,
-            " / ".join(cell(x, lambda y: "%.1f" % y["from_first_allocation_per_second"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.1f" % y["steady_per_second"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.1f" % y["gap_p50_ms"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%d" % y["request_path_launches"]) for x in (f, e)))))
+            each((f, e), lambda y: "%.1f" % y["from_first_allocation_per_second"]),
+            each((f, e), lambda y: "%.1f" % y["steady_per_second"]),
+            each((f, e), lambda y: "%.1f" % y["gap_p50_ms"]),
+            each((f, e), lambda y: "%d" % y["request_path_launches"]))))
 
     f, e = part(fork, "new_identifier"), part(ex, "new_identifier")
     rows.append((
@@ -1719,8 +1753,9 @@ def fork_table(lm, r, args):
         cell(f, lambda x: p5099(x) + mark(x["p50_ms"] <= 5)), cell(e, p5099), "p50 ≤ 5 ms",
         "new JKG kernel → first result: %s; cold bwrap + `import numpy, pandas, matplotlib`: %s"
         % (jup("jkg_cold", p5099), bw),
-        "n = %s (fork / exec), sequential, pool full before each"
-        % " / ".join(cell(x, lambda y: "%d" % y["n"]) for x in (f, e))))
+        "n = %s (fork / exec), sequential, pool full before each; of it, the first cell in the agent "
+        "(executionTimeInMilliseconds) p50: %s ms" % (each((f, e), lambda y: "%d" % y["n"]),
+                                                      each((f, e), lambda y: "%.0f" % y["agent_p50_ms"]))))
 
     f, e = part(burst, "burst"), part(ex, "burst")
 
@@ -1736,11 +1771,11 @@ def fork_table(lm, r, args):
         "cold bwrap + imports, one at a time: %s" % bw,
         "requests / threads / ready (fork; exec): %s; %s. max %s ms; wall %s s; request-path launches %s; "
         "first errors: %s" % (
-            cell(f, lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
-            cell(e, lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
-            " / ".join(cell(x, lambda y: "%.0f" % y["max_ms"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.1f" % y["wall_seconds"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%d" % y["request_path_launches"]) for x in (f, e)),
+            each((f,), lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
+            each((e,), lambda x: "%d / %d / %d" % (x["requests"], x["threads"], x["ready"])),
+            each((f, e), lambda y: "%.0f" % y["max_ms"]),
+            each((f, e), lambda y: "%.1f" % y["wall_seconds"]),
+            each((f, e), lambda y: "%d" % y["request_path_launches"]),
             "; ".join(s for x in (f, e) if "error" not in x for s in x.get("error_samples", [])[:1]) or "none")))
 
     f, e = part(fork, "memory"), part(ex, "memory")
@@ -1754,10 +1789,10 @@ def fork_table(lm, r, args):
             % (v / 1024.0, (j.get("client_kernel_pss_kib") or 0) / 1024.0)),
         "sessions (fork / exec): %s; USS = Private_Clean + Private_Dirty (smaps_rollup) summed over the processes of "
         "the session's uid (%s per session); max USS %s MiB; RSS %s MiB" % (
-            " / ".join(cell(x, lambda y: "%d" % y["sessions"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.0f" % y["processes_per_session"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.1f" % y["uss_max_mib"]) for x in (f, e)),
-            " / ".join(cell(x, lambda y: "%.0f" % y["rss_per_session_mib"]) for x in (f, e)))))
+            each((f, e), lambda y: "%d" % y["sessions"]),
+            each((f, e), lambda y: "%.0f" % y["processes_per_session"]),
+            each((f, e), lambda y: "%.1f" % y["uss_max_mib"]),
+            each((f, e), lambda y: "%.0f" % y["rss_per_session_mib"]))))
     rows.append((
         "MemAvailable per idle session (same sessions)",
         cell(f, lambda x: "%.1f MiB" % x["mem_available_per_session_mib"]),
@@ -1775,14 +1810,15 @@ def fork_table(lm, r, args):
 
     def exec_cap(x):
         avail = x["mem_available_after_kib"] / 1024.0
-        per = x["mem_available_per_session_mib"]
-        return "not run; at %.0f MiB/session ≈ %d more in the %.1f GiB available" % (per, avail / per, avail / 1024.0)
+        per = max(x["mem_available_per_session_mib"], x["pss_per_session_mib"] or 0)
+        return "not run; at %.0f MiB/session (the larger of MemAvailable delta and PSS) ≈ %d more in the %.1f GiB " \
+            "available" % (per, avail / per, avail / 1024.0)
 
     rows.append((
         "capacity: idle Python sessions (pandas imported) created while watching MemAvailable",
         cell(c, cap_cell) if args.capacity else "skipped (--capacity 0)", cell(e, exec_cap), "%d fit" % args.capacity,
         "-",
-        cell(c, lambda x: "%d created in %.0f s by %d threads; stops at MemAvailable < %d MiB, a failed call or %d s; "
+        cell(c, lambda x: "%d alive after %.1f s of creating them with %d threads; stops at MemAvailable < %d MiB, a failed call or %d s; "
              "MemAvailable %.1f → %.1f GiB; maxConcurrentSessions %d" % (
                  x["sessions"], x["seconds"], args.capacity_threads, args.capacity_floor_mib, args.capacity_budget,
                  x["mem_available_before_mib"] / 1024.0, x["mem_available_after_mib"] / 1024.0,
@@ -1794,15 +1830,17 @@ def fork_table(lm, r, args):
         "warm `1+1` over HTTP, one session, p50 / p99",
         cell(f, lambda x: p5099(x) + mark(x["p50_ms"] <= 2)), cell(e, p5099), "p50 ≤ 2 ms",
         "JKG websocket: %s; jupyter_client ZMQ: %s" % (jup("jkg_warm", p5099), jup("client_warm", p5099)),
-        "n=%d, HTTP keep-alive, %s binary" % (args.n, kind)))
+        "n=%d, HTTP keep-alive, %s binary; of it, the agent's executionTimeInMilliseconds p50: %s ms (fork / exec)"
+        % (args.n, kind, each((f, e), lambda y: "%.0f" % y["agent_p50_ms"]))))
 
     f, e = part(fork, "plot"), part(ex, "plot")
     rows.append((
         "time to first result: new identifier → DataFrame + plot (PNG), p50 / p99",
         cell(f, p5099), cell(e, p5099), "-",
         "new JKG kernel → the same cell (inline PNG): %s" % jup("jkg_plot", p5099),
-        "n = %s (fork / exec), pool full before each; `%s`" % (
-            " / ".join(cell(x, lambda y: "%d" % y["n"]) for x in (f, e)), PLOT_CELL.replace("\n", "; "))))
+        "n = %s (fork / exec), pool full before each; agent-side p50 %s ms; `%s`" % (
+            each((f, e), lambda y: "%d" % y["n"]),
+            each((f, e), lambda y: "%.0f" % y["agent_p50_ms"]), PLOT_CELL.replace("\n", "; "))))
 
     lines = ["| metric | fork | exec | target (fork) | baseline | notes |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
@@ -1810,11 +1848,12 @@ def fork_table(lm, r, args):
     notes = []
     for label, server in (("fork", fork), ("fork burst", burst), ("exec", ex)):
         if "error" in server:
-            notes.append("%s server: %s" % (label, server["error"]))
+            notes.append("%s server failed: %s" % (label, server["error"][:400].replace("\n", " ")))
         elif server:
             notes.append("%s server: %d of %d sandboxes forked=true, initial fill of %d in %.1f s, load %s → %s" % (
                 label, server.get("sandboxes_forked", 0), server.get("sandboxes_ready", 0), server.get("ready", 0),
-                server.get("initial_fill_seconds", float("nan")), server.get("load_start"), server.get("load_end")))
+                server.get("initial_fill_seconds", float("nan")), fmt_load(server.get("load_start")),
+                fmt_load(server.get("load_end"))))
     lines.append("")
     lines += ["- " + n for n in notes]
     return "\n".join(lines)
@@ -2028,7 +2067,7 @@ def main():
         if args.no_fork:
             results["launch_modes"] = None
         else:
-            log("warm fork vs exec (load average %s)" % (loadavg(),))
+            log("warm fork vs exec (load average %s)" % fmt_load(loadavg()))
             try:
                 results["launch_modes"] = measure_launch_modes(binary, args.runtime, args, workdir)
             except Exception as e:  # noqa: BLE001 - keep the rest of the run
@@ -2096,9 +2135,9 @@ def main():
         print("\nisolation tiers\n")
         print(tier_table(results["tiers"], args))
     results["load_end"] = loadavg()
-    print("\n(%s; %d cores; wall time %.0f s; load average %s at the start, %s at the end)" % (
+    print("\n(%s; %d cores; wall time %.0f s; load average (1/5/15 min) %s at the start, %s at the end)" % (
         os.path.relpath(binary, REPO) if binary.startswith(REPO) else binary, os.cpu_count(), results["wall_seconds"],
-        results["config"]["load_start"], results["load_end"]))
+        fmt_load(results["config"]["load_start"]), fmt_load(results["load_end"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
