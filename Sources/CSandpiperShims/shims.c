@@ -107,6 +107,8 @@ int sandpiper_seqpacket_pair(int fds[2]) {
 void sandpiper_set_fs_identity(uid_t uid, gid_t gid) {
     setfsgid(gid);
     setfsuid(uid);
+}
+
 int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned long size) {
     return fsetxattr(fd, name, value, size, 0);
 }

@@ -99,21 +99,25 @@ final class SpawnerThread: @unchecked Sendable {
     }
 
     /// Runs `body` on the spawner thread and waits for it (spawning takes about a millisecond).
-    func perform<T>(_ body: () -> T) -> T {
-        withoutActuallyEscaping(body) { body in
-            nonisolated(unsafe) var result: T?
-            nonisolated(unsafe) let work = body
-            let done = DispatchSemaphore(value: 0)
-            condition.lock()
-            jobs.append {
-                result = work()
-                done.signal()
-            }
-            condition.signal()
-            condition.unlock()
-            done.wait()
-            guard let result else { preconditionFailure("the spawner thread did not run the job") }
-            return result
+    /// The caller blocks meanwhile, so `body` may use the caller's state.
+    func perform<T>(_ body: @escaping () -> T) -> T {
+        let slot = ResultSlot<T>()
+        let done = DispatchSemaphore(value: 0)
+        condition.lock()
+        jobs.append {
+            slot.result = body()
+            done.signal()
         }
+        condition.signal()
+        condition.unlock()
+        done.wait()
+        guard let result = slot.result else { preconditionFailure("the spawner thread did not run the job") }
+        return result
     }
+}
+
+/// Carries a result from the spawner thread to its waiting caller (who reads it only after the
+/// semaphore: no concurrent access).
+private final class ResultSlot<T>: @unchecked Sendable {
+    var result: T?
 }
