@@ -717,7 +717,14 @@ def main():
                 leftover = uid_processes(server.uids)
                 if leftover:
                     stats.error("%d sandbox processes left after shutdown" % len(leftover))
-        shutil.rmtree(workdir, ignore_errors=True)
+        with open("/proc/self/mountinfo") as f:
+            left_mounts = sum(1 for line in f if " %s/" % workdir in line)
+        if left_mounts:
+            # A server that did not exit cleanly: a server started on the same data directory
+            # removes what it left (mounts, cgroups, records); keep it for that or for a look.
+            stats.error("%d mounts left under %s (kept)" % (left_mounts, workdir))
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     if interrupted:
         sys.exit(130)
     if aborted:
