@@ -459,7 +459,11 @@ struct NamespaceSandboxTests {
             let all = Set(fixture.processes(uid: sandbox.uid) + fixture.processes(commandContaining: sandbox.id))
             #expect(all.isSubset(of: contained), "outside the sandbox's cgroups: \(all.subtracting(contained))")
             // A forked session mounts nothing on the host: its tmpfs live in its own namespace.
-            #expect(fixture.mounts(under: sandbox.directory).isEmpty == (tier.launch == .fork))
+            // An exec session's /mnt/data is a tmpfs mounted on the host; a forked session mounts
+            // nothing on the host (its tmpfs live in its own namespace).
+            var data = statfs()
+            let mounted = statfs(sandbox.directory + "/data", &data) == 0 && data.f_type == 0x0102_1994
+            #expect(mounted == (tier.launch == .exec), "\(sandbox.directory)/data")
             await sandbox.destroy()
             await sandbox.destroy()  // idempotent
             try await fixture.expectNoTraces(of: sandbox)
