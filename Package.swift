@@ -164,7 +164,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore",
+                "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore", "SandpiperImages",
             ],
             swiftSettings: swiftSettings
         ),
