@@ -81,6 +81,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -163,7 +164,7 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: [
-                "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore",
+                "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore", "SandpiperImages",
             ],
             swiftSettings: swiftSettings
         ),

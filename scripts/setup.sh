@@ -40,7 +40,7 @@ pkg_resources"
 TEST_IMPORTS="pytest, requests, httpx, langchain_azure_dynamic_sessions"
 
 APT_COMMON=(python3 python3-venv ca-certificates)
-APT_ALL=(bubblewrap libseccomp-dev slirp4netns uidmap util-linux python3 python3-venv libsqlite3-dev
+APT_ALL=(bubblewrap libseccomp-dev slirp4netns crun uidmap util-linux python3 python3-venv libsqlite3-dev
     procps iproute2 curl ca-certificates runsc openssl
     gzip zstd docker-registry umoci skopeo busybox-static apache2-utils)
 

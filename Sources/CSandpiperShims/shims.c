@@ -13,6 +13,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/fsuid.h>
+#include <sched.h>
+#include <pthread.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 
 #ifndef NS_GET_USERNS
 #define NS_GET_USERNS 0xb701
@@ -115,4 +119,67 @@ int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned lo
 
 long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size) {
     return fgetxattr(fd, name, value, size);
+}
+
+struct netns_connect {
+    int netns_fd;
+    int port;
+    int timeout_ms;
+    int result;
+};
+
+static void *netns_connect_thread(void *argument) {
+    struct netns_connect *job = argument;
+    // This thread only: the network namespace is per task, and the thread ends right after.
+    if (setns(job->netns_fd, CLONE_NEWNET) != 0) {
+        job->result = -errno;
+        return NULL;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        job->result = -errno;
+        return NULL;
+    }
+    struct sockaddr_in address;
+    memset(&address, 0, sizeof address);
+    address.sin_family = AF_INET;
+    address.sin_port = htons((uint16_t)job->port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&address, sizeof address) != 0) {
+        if (errno != EINPROGRESS) {
+            job->result = -errno;
+            close(fd);
+            return NULL;
+        }
+        struct pollfd waiter = {.fd = fd, .events = POLLOUT};
+        int ready;
+        do {
+            ready = poll(&waiter, 1, job->timeout_ms);
+        } while (ready < 0 && errno == EINTR);
+        if (ready <= 0) {
+            job->result = ready == 0 ? -ETIMEDOUT : -errno;
+            close(fd);
+            return NULL;
+        }
+        int error = 0;
+        socklen_t length = sizeof error;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0 || error != 0) {
+            job->result = error != 0 ? -error : -errno;
+            close(fd);
+            return NULL;
+        }
+    }
+    int flags = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    job->result = fd;
+    return NULL;
+}
+
+int sandpiper_connect_in_netns(int netns_fd, int port, int timeout_ms) {
+    struct netns_connect job = {.netns_fd = netns_fd, .port = port, .timeout_ms = timeout_ms, .result = -EIO};
+    pthread_t thread;
+    int rc = pthread_create(&thread, NULL, netns_connect_thread, &job);
+    if (rc != 0) return -rc;
+    pthread_join(thread, NULL);
+    return job.result;
 }

@@ -402,6 +402,11 @@ extension DataPlaneController {
                 "projectUrl": .string("https://www.gnu.org/software/bash/"),
                 "description": .string("Persistent bash shell for command executions"),
             ])
+        case .customContainer:
+            .object([
+                "name": .string(runtime.name), "version": .string(runtime.version),
+                "description": .string("Custom container; requests are proxied to its HTTP port"),
+            ])
         }
     }
 

@@ -17,14 +17,18 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
         ["/pools/:pool", "/subscriptions/:subscription/resourceGroups/:resourceGroup/sessionPools/:pool"]
     }
 
-    public init(sessions: SessionManager, legacyOutputLimit: Int = 1 << 20) {
+    /// `http` or `https`: what the server listens with (`X-Forwarded-Proto` of proxied requests).
+    let scheme: String
+
+    public init(sessions: SessionManager, legacyOutputLimit: Int = 1 << 20, scheme: String = "http") {
         self.sessions = sessions
         self.legacyOutputLimit = legacyOutputLimit
+        self.scheme = scheme
     }
 
     public func register(on router: Router<Context>) {
         for prefix in Self.poolPrefixes {
-            for method in [HTTPRequest.Method.get, .post, .delete, .put, .patch] {
+            for method in [HTTPRequest.Method.get, .post, .delete, .put, .patch, .head, .options] {
                 router.on(RouterPath(prefix + "/**"), method: method) { request, context in
                     try await self.dispatch(request, context: context)
                 }
@@ -64,6 +68,9 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
         let method = request.method
         let ops = operation.map { $0.lowercased() }
 
+        if pool.configuration.type == .customContainer {
+            return try await customContainer(request, call, context: context)
+        }
         let modern = call.query.isModernAPI
         switch (method, ops.first) {
         case (.post, "code") where ops == ["code", "execute"], (.post, "python") where ops == ["python", "execute"]:
@@ -113,6 +120,47 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             throw SandpiperError.notFound(
                 "no such operation: \(method) \(operation.joined(separator: "/")) on pool '\(pool.configuration.name)'",
                 code: "RouteNotFound"
+            )
+        }
+    }
+
+    // MARK: Custom containers
+
+    /// A custom pool: `.management/stopSession`, `getSession` and `listSessions` are Sandpiper's;
+    /// every other request goes to the identifier's container.
+    func customContainer(_ request: Request, _ call: Call, context: Context) async throws -> Response {
+        let ops = call.operation.map { $0.lowercased() }
+        switch (request.method, ops) {
+        case (.post, [".management", "stopsession"]):
+            return try await stopSession(call)
+        case (.post, [".management", "getsession"]):
+            return try await sessionInfo(call)
+        case (.post, [".management", "listsessions"]), (.get, [".management", "listsessions"]):
+            return try await listSessions(call, requestPath: request.uri.path)
+        default:
+            break
+        }
+        let identifier = try call.identifier()
+        let session = try await call.pool.session(for: identifier)
+        guard let endpoint = session.sandbox as? any ContainerEndpoint else {
+            throw SandpiperError.internalError(
+                "the session of custom pool '\(call.pool.configuration.name)' is no container"
+            )
+        }
+        let path = request.uri.path
+        let prefixSegments = path.hasPrefix("/subscriptions/") ? 6 : 2
+        let proxy = ContainerProxy(
+            endpoint: endpoint,
+            connectTimeout: .seconds(10),
+            responseTimeout: .seconds(call.pool.configuration.maxExecutionSeconds),
+            scheme: scheme
+        )
+        let clientAddress = (context as? any RemoteAddressRequestContext)?.remoteAddress?.ipAddress
+        return try await session.use { _ in
+            try await proxy.forward(
+                request,
+                target: ContainerProxy.target(path: path, query: request.uri.query, prefixSegments: prefixSegments),
+                clientAddress: clientAddress
             )
         }
     }

@@ -5,8 +5,12 @@ import SandpiperSessions
 
 /// The whole HTTP surface: error mapping first (so it also shapes 401s and unknown routes),
 /// then authentication, then the routes.
-public func buildRouter(sessions: SessionManager, apiKey: String) -> Router<BasicRequestContext> {
-    let router = Router()
+public func buildRouter(
+    sessions: SessionManager,
+    apiKey: String,
+    scheme: String = "http"
+) -> Router<SandpiperRequestContext> {
+    let router = Router(context: SandpiperRequestContext.self)
     router.add(middleware: ErrorMiddleware())
     router.add(middleware: AuthMiddleware(apiKey: apiKey))
     router.get("/healthz") { _, _ in "ok\n" }
@@ -14,7 +18,7 @@ public func buildRouter(sessions: SessionManager, apiKey: String) -> Router<Basi
     router.get("/openapi.json") { _, _ in
         Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: openAPI))
     }
-    DataPlaneController<BasicRequestContext>(sessions: sessions).register(on: router)
+    DataPlaneController<SandpiperRequestContext>(sessions: sessions, scheme: scheme).register(on: router)
     return router
 }
 

@@ -6,6 +6,8 @@ public enum PoolType: String, Sendable, Codable, CaseIterable {
     case nodeLTS = "NodeLTS"
     /// A persistent bash.
     case shell = "Shell"
+    /// The user's own OCI image serving HTTP; requests are proxied to it (`container` in the pool).
+    case customContainer = "CustomContainer"
 
     /// Accepts any casing, as Azure does for enum values.
     public init(caseInsensitive raw: String) throws(SandpiperError) {
@@ -105,6 +107,8 @@ public struct PoolConfiguration: Sendable, Equatable {
     public var defaultExecutionSeconds: Int
     /// Largest accepted upload in bytes (Azure: 128 MB).
     public var maxUploadBytes: Int64
+    /// The container of a `CustomContainer` pool (nil for every other type).
+    public var container: ContainerTemplate?
 
     public init(
         name: String,
@@ -118,8 +122,10 @@ public struct PoolConfiguration: Sendable, Equatable {
         limits: SessionLimits = SessionLimits(),
         maxExecutionSeconds: Int = 220,
         defaultExecutionSeconds: Int = 220,
-        maxUploadBytes: Int64 = 128 * 1024 * 1024
+        maxUploadBytes: Int64 = 128 * 1024 * 1024,
+        container: ContainerTemplate? = nil
     ) {
+        self.container = container
         self.name = name
         self.type = type
         self.readySessionInstances = readySessionInstances
@@ -137,7 +143,7 @@ public struct PoolConfiguration: Sendable, Equatable {
     /// True when sessions are forked from a warm template: asked for, and possible for this pool
     /// (Python, namespace tier, no egress). Everything else starts a fresh sandbox per session.
     public var forks: Bool {
-        launch == .fork && type == .pythonLTS && isolation == .namespaces && !egressEnabled
+        launch == .fork && container == nil && type == .pythonLTS && isolation == .namespaces && !egressEnabled
     }
 
     /// Pool names appear in URLs and in cgroup names: keep them boring.
@@ -178,5 +184,17 @@ public struct PoolConfiguration: Sendable, Equatable {
         guard limits.diskBytes >= 1 << 20 else { throw fail("disk must be at least 1 MiB") }
         guard limits.tmpBytes >= 1 << 20 else { throw fail("tmp must be at least 1 MiB") }
         guard maxUploadBytes >= 1 else { throw fail("maxUploadBytes must be positive") }
+        if type == .customContainer {
+            guard let container else {
+                throw fail("type CustomContainer needs a 'container' object (image, targetPort, ...)")
+            }
+            do {
+                try container.validate()
+            } catch {
+                throw fail(error.message)
+            }
+        } else if container != nil {
+            throw fail("'container' is only valid for type CustomContainer")
+        }
     }
 }

@@ -163,3 +163,14 @@ public protocol SandboxBackend: Sendable {
     /// Called once every sandbox is destroyed, as the server stops.
     func shutdown() async
 }
+
+/// A sandbox that runs a custom container serving HTTP (`CustomContainer` pools): the HTTP layer
+/// proxies requests to it over connections made inside the session's network namespace.
+public protocol ContainerEndpoint: Sendable {
+    /// The port the container serves on (inside its own network namespace).
+    var targetPort: Int { get }
+    /// A new TCP connection to the container's `targetPort`; the caller owns the descriptor.
+    /// Throws `sandboxFailure` (`ContainerUnreachable`) when nothing accepts it and `timeout`
+    /// when the connection does not complete in time.
+    func connect(timeout: Duration) async throws -> Int32
+}

@@ -25,6 +25,8 @@ public final class NamespaceBackend: SandboxBackend {
         public var slirp4netns: String
         /// gVisor's runtime, for pools with `isolation: gvisor`.
         public var runsc: String
+        /// The OCI runtime of `CustomContainer` pools.
+        public var crun: String
         public var startupTimeout: Duration
         /// How long a pool's fork template may take to import and warm up; past it the pool
         /// starts its sessions with exec (and tries the template again 30 s later).
@@ -41,6 +43,7 @@ public final class NamespaceBackend: SandboxBackend {
             setpriv: String = "/usr/bin/setpriv",
             slirp4netns: String = "/usr/bin/slirp4netns",
             runsc: String = "/usr/bin/runsc",
+            crun: String = "/usr/bin/crun",
             startupTimeout: Duration = .seconds(60),
             templateStartupTimeout: Duration = .seconds(60),
             inheritAgentStderr: Bool = false
@@ -53,6 +56,7 @@ public final class NamespaceBackend: SandboxBackend {
             self.setpriv = setpriv
             self.slirp4netns = slirp4netns
             self.runsc = runsc
+            self.crun = crun
             self.startupTimeout = startupTimeout
             self.templateStartupTimeout = templateStartupTimeout
             self.inheritAgentStderr = inheritAgentStderr
@@ -209,8 +213,45 @@ public final class NamespaceBackend: SandboxBackend {
         chmod(etcDirectory, 0o755)
     }
 
+    /// Images of `CustomContainer` pools, by pool name (resolved from the image store at start).
+    private let images = Mutex<[String: ContainerImage]>([:])
+
+    /// Gives a `CustomContainer` pool its resolved image.
+    public func register(image: ContainerImage, forPool pool: String) {
+        images.withLock { $0[pool] = image }
+    }
+
+    func image(forPool pool: String) -> ContainerImage? {
+        images.withLock { $0[pool] }
+    }
+
     /// Checks that this host can run the pool: its runtime exists, and egress can be set up.
     public func validate(_ pool: PoolConfiguration) throws(SandpiperError) {
+        if pool.type == .customContainer {
+            guard access(configuration.crun, X_OK) == 0 else {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxBackendUnavailable",
+                    "pool '\(pool.name)' is CustomContainer but crun is not installed at \(configuration.crun); "
+                        + "run `make setup` (apt-get install crun)"
+                )
+            }
+            guard pool.isolation == .namespaces else {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "IsolationTierUnavailable",
+                    "pool '\(pool.name)': custom containers run under crun only for now; isolation gvisor (runsc) is "
+                        + "not implemented for CustomContainer pools"
+                )
+            }
+            guard image(forPool: pool.name) != nil else {
+                throw SandpiperError(
+                    .unavailable,
+                    code: "ContainerImageNotFound",
+                    "pool '\(pool.name)': its image is not resolved"
+                )
+            }
+        }
         if pool.type == .nodeLTS, access("/usr/bin/node", X_OK) != 0 {
             throw SandpiperError(
                 .unavailable,
@@ -341,6 +382,9 @@ public final class NamespaceBackend: SandboxBackend {
     // MARK: SandboxBackend
 
     public func launch(_ spec: SandboxSpec) async throws -> any Sandbox {
+        if spec.pool.type == .customContainer {
+            return try await ContainerSandbox.launch(spec: spec, backend: self)
+        }
         if spec.pool.forks {
             let template = template(for: spec.pool)
             // A template found dead is restarted once, for this very launch.
@@ -422,9 +466,11 @@ public final class NamespaceBackend: SandboxBackend {
             }
             rmdir(dir)
         }
-        let data = directory + "/data"
-        for _ in 0..<3 {
-            if umount2(data, Int32(MNT_DETACH)) != 0 { break }
+        // /mnt/data (agents) or the overlay root (custom containers).
+        for mountPoint in [directory + "/data", directory + "/rootfs"] {
+            for _ in 0..<3 {
+                if umount2(mountPoint, Int32(MNT_DETACH)) != 0 { break }
+            }
         }
         try? FileManager.default.removeItem(atPath: directory)
         return unreaped

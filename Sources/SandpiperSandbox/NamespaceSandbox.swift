@@ -392,7 +392,7 @@ final class NamespaceSandbox: Sandbox {
             [runtime + "/bin/python", "-I", "-X", "frozen_modules=on", "/opt/sandpiper/agents/python/agent.py"]
         case .nodeLTS:
             ["/usr/bin/node", "/opt/sandpiper/agents/node/agent.js"]
-        case .shell:
+        case .shell, .customContainer:
             [runtime + "/bin/python", "-I", "/opt/sandpiper/agents/shell/agent.py"]
         }
     }

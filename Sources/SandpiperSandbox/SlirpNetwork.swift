@@ -102,7 +102,8 @@ enum SlirpNetwork {
         uid: UInt32,
         slirp: String,
         setpriv: String,
-        unshare: String = "/usr/bin/unshare"
+        unshare: String = "/usr/bin/unshare",
+        loopbackUp: Bool = false
     ) async throws -> (holder: pid_t, slirp: pid_t) {
         try await withCheckedThrowingContinuation { continuation in
             DispatchQueue.global().async {
@@ -117,7 +118,9 @@ enum SlirpNetwork {
                             + [
                                 setpriv, "--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--bounding-set=-all",
                                 "--inh-caps=-all", "--", unshare, "--user", "--map-root-user", "--net", "--",
-                                "/bin/sh", "-c", "echo up >&3; exec 3>&-; exec sleep infinity",
+                                "/bin/sh", "-c",
+                                (loopbackUp ? "/usr/sbin/ip link set lo up || exit 1; " : "")
+                                    + "echo up >&3; exec 3>&-; exec sleep infinity",
                             ]
                         let holder: pid_t
                         do {

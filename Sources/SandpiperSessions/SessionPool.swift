@@ -221,8 +221,15 @@ public actor SessionPool {
     public func reapExpired() async -> [SessionIdentifier] {
         let cutoff = now().addingTimeInterval(-Double(configuration.cooldownPeriodInSeconds))
         var victims: [Session] = []
+        let current = now()
         for (identifier, session) in sessions {
-            let idle = !session.isBusy && session.lastAccessed < cutoff
+            let idle: Bool
+            if let lifetime = maxAlivePeriod {
+                // OnContainerExit: no idle timeout, only the container's exit or its maximum age.
+                idle = current.timeIntervalSince(session.createdAt) >= lifetime
+            } else {
+                idle = !session.isBusy && session.lastAccessed < cutoff
+            }
             if idle || !session.sandbox.isAlive {
                 sessions[identifier] = nil
                 victims.append(session)
@@ -289,6 +296,14 @@ public actor SessionPool {
 
     /// When an idle session will be destroyed if nothing calls it.
     public nonisolated func expiry(of session: Session) -> Date {
-        session.lastAccessed.addingTimeInterval(Double(configuration.cooldownPeriodInSeconds))
+        if let lifetime = maxAlivePeriod { return session.createdAt.addingTimeInterval(lifetime) }
+        return session.lastAccessed.addingTimeInterval(Double(configuration.cooldownPeriodInSeconds))
+    }
+
+    /// A custom pool with lifecycle OnContainerExit: sessions live until their container exits,
+    /// at most this long; idle time does not count.
+    nonisolated var maxAlivePeriod: Double? {
+        guard let lifecycle = configuration.container?.lifecycle, lifecycle.type == .onContainerExit else { return nil }
+        return Double(lifecycle.maxAlivePeriodInSeconds ?? 3600)
     }
 }

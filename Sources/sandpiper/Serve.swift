@@ -7,6 +7,7 @@ import Logging
 import NIOSSL
 import SandpiperAPI
 import SandpiperCore
+import SandpiperImages
 import SandpiperSandbox
 import SandpiperSessions
 import SandpiperStore
@@ -85,10 +86,15 @@ struct Serve: AsyncParsableCommand {
             records: store,
             logger: logger
         )
+        try await resolveImages(settings, backend: backend, logger: logger)
         for pool in settings.pools { try backend.validate(pool) }
         let pools = settings.pools.map { SessionPool(configuration: $0, backend: backend, logger: logger) }
         let sessions = SessionManager(pools: pools, backends: [backend], logger: logger)
-        let router = buildRouter(sessions: sessions, apiKey: apiKey)
+        let router = buildRouter(
+            sessions: sessions,
+            apiKey: apiKey,
+            scheme: settings.tlsCertificate == nil ? "http" : "https"
+        )
         let host = settings.host
         let portFile = portFile
         let poolNames = settings.pools.map(\.name)
@@ -137,6 +143,50 @@ struct Serve: AsyncParsableCommand {
             logger: logger
         )
         try await app.runService()
+    }
+}
+
+/// Custom container pools run images of the local store: each pool's image is resolved once, at
+/// start (a missing image stops the server with the command that fetches it).
+func resolveImages(_ settings: ServerConfiguration, backend: NamespaceBackend, logger: Logger) async throws {
+    let custom = settings.pools.filter { $0.type == .customContainer }
+    guard !custom.isEmpty else { return }
+    let store = try ImageStore(dataDirectory: settings.dataDirectory, logger: logger)
+    for pool in custom {
+        guard let reference = pool.container?.image else { continue }
+        let resolved: ResolvedImage
+        do {
+            resolved = try await store.resolve(reference)
+        } catch {
+            throw SandpiperError(
+                .unavailable,
+                code: "ContainerImageNotFound",
+                "pool '\(pool.name)': image '\(reference)' is not in the local image store (\(error.message)); fetch it "
+                    + "first with `sandpiper image pull \(reference)` or `sandpiper image import FILE --tag \(reference)` "
+                    + "(same --data-dir as the server)"
+            )
+        }
+        let config = resolved.config
+        backend.register(
+            image: ContainerImage(
+                name: resolved.record.name,
+                digest: resolved.record.manifestDigest.description,
+                lowerDirectories: resolved.layerDirectories.reversed(),
+                entrypoint: config.entrypoint ?? [],
+                cmd: config.cmd ?? [],
+                environment: config.env,
+                workingDirectory: config.workingDir,
+                user: config.user
+            ),
+            forPool: pool.name
+        )
+        logger.info(
+            "custom container pool image resolved",
+            metadata: [
+                "pool": "\(pool.name)", "image": "\(resolved.record.name)",
+                "layers": "\(resolved.layerDirectories.count)",
+            ]
+        )
     }
 }
 

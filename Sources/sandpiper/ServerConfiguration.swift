@@ -140,8 +140,113 @@ struct ServerConfiguration: Sendable {
             pool.limits.tmpBytes = try limits.size("tmp") ?? pool.limits.tmpBytes
             try limits.finish()
         }
+        if let container = try reader.object("container") {
+            var container = container
+            pool.container = try Self.container(&container, limits: &pool.limits)
+            try container.finish()
+        }
         try pool.validate()
         return pool
+    }
+
+    /// A `CustomContainer` pool's `container` object (Azure's container template, flattened).
+    static func container(_ reader: inout ConfigObject, limits: inout SessionLimits) throws -> ContainerTemplate {
+        guard let image = try reader.string("image") else {
+            throw SandpiperError.invalid("config: \(reader.path)image is required")
+        }
+        guard let port = try reader.integer("targetPort") else {
+            throw SandpiperError.invalid(
+                "config: \(reader.path)targetPort is required (the port the container serves HTTP on)"
+            )
+        }
+        var template = ContainerTemplate(image: image, targetPort: port)
+        template.command = try reader.stringArray("command")
+        template.args = try reader.stringArray("args")
+        if let list = try reader.array("env") {
+            for (index, item) in list.enumerated() {
+                guard case .object(let fields) = item else {
+                    throw SandpiperError.invalid("config: \(reader.path)env[\(index)] must be an object {name, value}")
+                }
+                var variable = ConfigObject(fields, path: reader.path + "env[\(index)].")
+                guard let name = try variable.string("name") else {
+                    throw SandpiperError.invalid("config: \(variable.path)name is required")
+                }
+                template.environment.append(.init(name: name, value: try variable.string("value") ?? ""))
+                try variable.finish()
+            }
+        }
+        if let resources = try reader.object("resources") {
+            var resources = resources
+            limits.cpus = try resources.double("cpu") ?? limits.cpus
+            limits.memoryBytes = try resources.size("memory") ?? limits.memoryBytes
+            try resources.finish()
+        }
+        if let list = try reader.array("probes") {
+            for (index, item) in list.enumerated() {
+                guard case .object(let fields) = item else {
+                    throw SandpiperError.invalid("config: \(reader.path)probes[\(index)] must be an object")
+                }
+                var probe = ConfigObject(fields, path: reader.path + "probes[\(index)].")
+                let (kind, parsed) = try Self.probe(&probe)
+                try probe.finish()
+                switch kind {
+                case "startup":
+                    guard template.startupProbe == nil else {
+                        throw SandpiperError.invalid("config: \(reader.path)probes has two Startup probes")
+                    }
+                    template.startupProbe = parsed
+                default:
+                    guard template.livenessProbe == nil else {
+                        throw SandpiperError.invalid("config: \(reader.path)probes has two Liveness probes")
+                    }
+                    template.livenessProbe = parsed
+                }
+            }
+        }
+        if let lifecycle = try reader.object("lifecycle") {
+            var lifecycle = lifecycle
+            if let type = try lifecycle.string("type") {
+                template.lifecycle.type = try ContainerLifecycle.Kind(caseInsensitive: type)
+            }
+            template.lifecycle.maxAlivePeriodInSeconds = try lifecycle.integer("maxAlivePeriodInSeconds")
+            try lifecycle.finish()
+        }
+        return template
+    }
+
+    static func probe(_ reader: inout ConfigObject) throws -> (String, ContainerProbe) {
+        let path = reader.path
+        guard let type = try reader.string("type")?.lowercased(), ["startup", "liveness"].contains(type) else {
+            throw SandpiperError.invalid(
+                "config: \(path)type must be Startup or Liveness (readiness probes are not supported)"
+            )
+        }
+        let http = try reader.object("httpGet")
+        let tcp = try reader.object("tcpSocket")
+        let action: ContainerProbe.Action
+        switch (http, tcp) {
+        case (var http?, nil):
+            let probePath = try http.string("path") ?? "/"
+            guard let port = try http.integer("port") else {
+                throw SandpiperError.invalid("config: \(path)httpGet.port is required")
+            }
+            try http.finish()
+            action = .httpGet(path: probePath, port: port)
+        case (nil, var tcp?):
+            guard let port = try tcp.integer("port") else {
+                throw SandpiperError.invalid("config: \(path)tcpSocket.port is required")
+            }
+            try tcp.finish()
+            action = .tcpSocket(port: port)
+        default:
+            throw SandpiperError.invalid("config: \(path) needs exactly one of httpGet or tcpSocket")
+        }
+        var probe = ContainerProbe(action: action)
+        probe.initialDelaySeconds = try reader.integer("initialDelaySeconds") ?? probe.initialDelaySeconds
+        probe.periodSeconds = try reader.integer("periodSeconds") ?? probe.periodSeconds
+        probe.failureThreshold = try reader.integer("failureThreshold") ?? probe.failureThreshold
+        probe.timeoutSeconds = try reader.integer("timeoutSeconds") ?? probe.timeoutSeconds
+        return (type, probe)
     }
 
     /// Applies `SANDPIPER_*` environment variables.
@@ -236,6 +341,18 @@ struct ConfigObject {
             }
             return bytes
         default: throw wrong(key, "a size like 512Mi, 1Gi or a number of bytes")
+        }
+    }
+
+    mutating func stringArray(_ key: String) throws -> [String]? {
+        switch take(key) {
+        case nil: return nil
+        case .array(let items)?:
+            return try items.map { item in
+                guard case .string(let text) = item else { throw wrong(key, "an array of strings") }
+                return text
+            }
+        default: throw wrong(key, "an array of strings")
         }
     }
 

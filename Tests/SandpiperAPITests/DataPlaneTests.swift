@@ -16,7 +16,7 @@ let testKey = "test-key-0123456789abcdef"
 struct Harness {
     let backend = FakeBackend()
     let sessions: SessionManager
-    let router: Router<BasicRequestContext>
+    let router: Router<SandpiperRequestContext>
 
     init(
         pools: [PoolConfiguration] = [

@@ -42,4 +42,10 @@ int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned lo
 
 /// fgetxattr(2): reads extended attribute `name` of `fd`. Returns its size or -1 with errno set.
 long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size);
+
+/// A TCP connection to 127.0.0.1:`port` made inside the network namespace `netns_fd` (a
+/// `/proc/<pid>/ns/net` descriptor): a short-lived thread joins the namespace, creates the
+/// socket there and connects; the socket stays in that namespace. Waits up to `timeout_ms`.
+/// Returns a blocking, close-on-exec descriptor, or -errno (ETIMEDOUT, ECONNREFUSED, ...).
+int sandpiper_connect_in_netns(int netns_fd, int port, int timeout_ms);
 #endif
