@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOPosix
 import SandpiperCore
 import Synchronization
 
@@ -26,6 +27,7 @@ actor ForkTemplate {
     private let logger: Logger
     private var running: Running?
     private var starting: Task<Running, any Error>?
+    private let controlExchange = ControlExchange()
     /// When the last start failed: no new attempt for `retryDelay` (the pool falls back to exec).
     private var failedAt: ContinuousClock.Instant?
     static let retryDelay: Duration = .seconds(30)
@@ -59,7 +61,7 @@ actor ForkTemplate {
         limits: SessionLimits,
         cgroupProcs: [String],
         fds: [Int32]
-    ) throws(SandpiperError) -> pid_t {
+    ) async throws -> pid_t {
         guard let running else { throw SandpiperError(.unavailable, code: Self.unavailableCode, "no template") }
         let go = try Pipe()
         defer {
@@ -75,19 +77,23 @@ actor ForkTemplate {
         let payload = Array((try? JSONEncoder().encode(request)) ?? Data())
         // The template takes them as: requests, responses, go, stderr.
         let ordered = [fds[0], fds[1], go.read, fds[2]]
-        let sent = payload.withUnsafeBufferPointer { bytes in
-            ordered.withUnsafeBufferPointer { table in
-                sandpiper_send_with_fds(
-                    running.control,
-                    bytes.baseAddress,
-                    UInt(bytes.count),
-                    table.baseAddress,
-                    Int32(table.count)
-                )
-            }
+        // The round trip blocks (the template forks one session at a time): on NIO's blocking
+        // pool, never on a cooperative thread, and one request at a time on the socket.
+        let control = running.control
+        let exchange = controlExchange
+        let (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
+            exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
         }
         guard sent == payload.count else { throw templateDied("cannot send a fork request") }
-        let reply = try readMessage(running.control, timeout: Self.forkTimeoutMilliseconds)
+        guard case .success(let bytes) = answer else {
+            if case .failure(let failure) = answer {
+                throw templateDied(failure.count == 0 ? "the template exited" : "the template did not answer in time")
+            }
+            throw templateDied("the template did not answer")
+        }
+        guard let reply = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)) else {
+            throw templateDied("the template sent a malformed message")
+        }
         guard case .object(let fields) = reply, fields["type"] == .string("forked"),
             case .integer(let namespacePID) = fields["pid"]
         else {
@@ -449,5 +455,40 @@ final class UIDBlock: Sendable {
             return state.used.isEmpty
         }
         if done { backend.releaseUIDBlock(base: base, count: count + 1) }
+    }
+}
+
+/// One fork request and its reply on a template's control socket, atomically (a request's reply
+/// must never be read by another request).
+final class ControlExchange: Sendable {
+    private let lock = Mutex(())
+
+    struct ReadFailure: Error {
+        let count: Int
+    }
+
+    func roundTrip(_ socket: Int32, payload: [UInt8], fds: [Int32], timeout: Int32) -> (
+        Int, Result<[UInt8], ReadFailure>
+    ) {
+        lock.withLock { _ in
+            let sent = payload.withUnsafeBufferPointer { bytes in
+                fds.withUnsafeBufferPointer { table in
+                    sandpiper_send_with_fds(
+                        socket,
+                        bytes.baseAddress,
+                        UInt(bytes.count),
+                        table.baseAddress,
+                        Int32(table.count)
+                    )
+                }
+            }
+            guard sent == payload.count else { return (sent, .failure(ReadFailure(count: -1))) }
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            let count = buffer.withUnsafeMutableBytes { raw in
+                sandpiper_read_timeout(socket, raw.baseAddress, UInt(raw.count), timeout)
+            }
+            guard count > 0 else { return (sent, .failure(ReadFailure(count: count))) }
+            return (sent, .success(Array(buffer[0..<count])))
+        }
     }
 }

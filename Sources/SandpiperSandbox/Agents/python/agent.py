@@ -1388,6 +1388,23 @@ def close_fds_except(keep):
                 pass
 
 
+def warm_session(agent):
+    """One empty cell through the capture path before `ready`: the copy-on-write faults of the
+    first cell happen here, while the session waits in the ready pool, not on a caller's clock."""
+    try:
+        out = StreamCapture(1, 1024, "stdout")
+        err = StreamCapture(2, 1024, "stderr")
+        try:
+            if agent.ipython:
+                agent.shell.run_cell("None", store_history=False)
+        finally:
+            out.finish()
+            err.finish()
+    except BaseException:
+        pass
+    flush_std_streams()
+
+
 def session_agent(agent, kernel, program, request):
     """Pid 2 of the session: the agent, as the session uid, under seccomp."""
     os.setsid()
@@ -1403,6 +1420,7 @@ def session_agent(agent, kernel, program, request):
         except (KeyError, OSError):
             pass
     reseed()
+    warm_session(agent)
     agent.channel = Channel(relocate_fd(REQUEST_FD), relocate_fd(RESPONSE_FD))
     agent.pid = os.getpid()
     global _diag_fd
