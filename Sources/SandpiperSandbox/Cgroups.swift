@@ -95,8 +95,8 @@ public struct CgroupSetup: Sendable, Equatable {
 
     /// Reads the running system's layout.
     public static func detectHost(groupName: String = "sandpiper") throws(SandpiperError) -> CgroupSetup {
-        let mountinfo = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
-        let selfCgroup = (try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) ?? ""
+        let mountinfo = (SystemFile.read("/proc/self/mountinfo")) ?? ""
+        let selfCgroup = (SystemFile.read("/proc/self/cgroup")) ?? ""
         return try detect(mountinfo: mountinfo, selfCgroup: selfCgroup, groupName: groupName)
     }
 
@@ -188,7 +188,7 @@ public struct CgroupSetup: Sendable, Equatable {
     public func pids(sandboxID: String) -> [pid_t] {
         var all = Set<pid_t>()
         for dir in directories(for: sandboxID) {
-            guard let text = try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8) else { continue }
+            guard let text = SystemFile.read(dir + "/cgroup.procs") else { continue }
             for line in text.split(separator: "\n") {
                 if let pid = pid_t(line.trimmingCharacters(in: .whitespaces)), pid > 0 { all.insert(pid) }
             }
@@ -203,7 +203,7 @@ public struct CgroupSetup: Sendable, Equatable {
         case .v1: file = (bases["memory"] ?? "") + "/" + sandboxID + "/memory.oom_control"
         case .v2: file = (bases["unified"] ?? "") + "/" + sandboxID + "/memory.events"
         }
-        guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { return 0 }
+        guard let text = SystemFile.read(file) else { return 0 }
         for line in text.split(separator: "\n") where line.hasPrefix("oom_kill ") {
             return Int(line.dropFirst("oom_kill ".count)) ?? 0
         }
@@ -229,7 +229,7 @@ public struct CgroupSetup: Sendable, Equatable {
     }
 
     static func isZombie(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        guard let stat = SystemFile.read("/proc/\(pid)/stat"),
             let close = stat.lastIndex(of: ")")
         else { return true }  // gone already
         let rest = stat[stat.index(after: close)...].drop { $0 == " " }

@@ -205,7 +205,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
             let deadline = ContinuousClock.now + config.startupTimeout
             var containerPID: pid_t = 0
             while containerPID == 0 {
-                if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+                if let text = SystemFile.read(pidFile),
                     let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0
                 {
                     containerPID = pid

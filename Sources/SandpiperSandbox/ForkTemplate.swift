@@ -355,7 +355,7 @@ actor ForkTemplate {
     /// The host pid of the process that is `namespacePID` in the template's pid namespace.
     static func hostPID(of namespacePID: pid_t, amongProcessesOf id: String, backend: NamespaceBackend) -> pid_t? {
         for pid in backend.cgroups.pids(sandboxID: id) {
-            guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+            guard let status = SystemFile.read("/proc/\(pid)/status"),
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
             else { continue }
             let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }

@@ -458,7 +458,7 @@ public final class NamespaceBackend: SandboxBackend {
         // Groups recorded under another parent (the server may run in another cgroup now).
         for dir in cgroupDirectories where !cgroups.directories(for: id).contains(dir) {
             for round in 0..<200 {
-                guard let text = try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8) else { break }
+                guard let text = SystemFile.read(dir + "/cgroup.procs") else { break }
                 let pids = text.split(separator: "\n").compactMap { pid_t($0) }
                 if pids.isEmpty { break }
                 for pid in pids { kill(pid, SIGKILL) }

@@ -129,7 +129,7 @@ extension NamespaceSandbox {
     /// The host pid of the session's pid 1 (the process whose innermost pid is 1).
     static func namespaceInit(sandboxID: String, backend: NamespaceBackend) -> pid_t? {
         for pid in backend.cgroups.pids(sandboxID: sandboxID) {
-            guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+            guard let status = SystemFile.read("/proc/\(pid)/status"),
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
             else { continue }
             let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
