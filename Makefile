@@ -74,12 +74,16 @@ test-python:
 ifeq ($(strip $(PYTEST_DIRS)),)
 	@echo "==> make test: no Python test directories (tests/agent, tests/e2e) yet, skipping pytest"
 else
-	@echo "==> make test: pytest $(PYTEST_DIRS)"
-	@# pytest exits 5 when it collects no test at all: not a failure here.
-	SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/debug/sandpiper \
-	SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) SANDPIPER_REQUIRE_CLIENTS=1 SANDPIPER_REQUIRE_SCHEMATHESIS=1 \
-		$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) $(PYTEST_DIRS) \
-		|| { rc=$$?; if [ $$rc -eq 5 ]; then echo "==> pytest collected no tests"; else exit $$rc; fi; }
+	@# One pytest per directory: each has its own conftest (and server); all run even if one
+	@# fails. pytest exits 5 when it collects no test at all: not a failure here.
+	failed=""; for dir in $(PYTEST_DIRS); do \
+		echo "==> make test: pytest $$dir"; \
+		SANDPIPER_PYTHON=$(PYTHON_RUNTIME)/bin/python SANDPIPER_BIN=$(CURDIR)/.build/debug/sandpiper \
+		SANDPIPER_PYTHON_RUNTIME=$(PYTHON_RUNTIME) SANDPIPER_REQUIRE_CLIENTS=1 SANDPIPER_REQUIRE_SCHEMATHESIS=1 \
+			$(TEST_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_FLAGS) $$dir \
+			|| { rc=$$?; if [ $$rc -eq 5 ]; then echo "==> pytest collected no tests in $$dir"; else failed="$$failed $$dir"; fi; }; \
+	done; \
+	if [ -n "$$failed" ]; then echo "==> make test: pytest failed in:$$failed"; exit 1; fi
 endif
 
 bench: setup build
