@@ -99,7 +99,8 @@ actor ForkTemplate {
         else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(reply)")
         }
-        guard let hostPID = Self.hostPID(of: pid_t(namespacePID), amongProcessesOf: running.id, backend: backend)
+        // The fork lives in the template's pid namespace, one level below the host's.
+        guard let hostPID = Self.hostPID(of: pid_t(namespacePID), depth: 1, inGroupOf: running.id, backend: backend)
         else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
         }
@@ -167,17 +168,7 @@ actor ForkTemplate {
     func stop() async {
         guard let running else { return }
         self.running = nil
-        close(running.control)
-        running.stderrTail.close()
-        let unreaped = backend.removeTraces(
-            id: running.id,
-            children: [running.pid],
-            directory: backend.sessionsDirectory + "/" + running.id,
-            cgroupDirectories: backend.cgroups.directories(for: running.id)
-        )
-        for child in unreaped { _ = await ChildProcess.waitForExit(child) }
-        try? await backend.records.removeRecord(id: running.id)
-        running.uids.retire()
+        await Self.remove(running, backend: backend)
     }
 
     private func templateDied(_ what: String) -> SandpiperError {
@@ -189,15 +180,16 @@ actor ForkTemplate {
         let error = SandpiperError(.unavailable, code: Self.goneCode, "\(what): the pool's template is gone")
         if let running {
             self.running = nil
-            close(running.control)
-            running.stderrTail.close()
             let backend = backend
             Task { await Self.remove(running, backend: backend) }
         }
         return error
     }
 
+    /// Closes the control socket and removes the template's processes, cgroups and record.
     private static func remove(_ running: Running, backend: NamespaceBackend) async {
+        close(running.control)
+        running.stderrTail.close()
         let unreaped = backend.removeTraces(
             id: running.id,
             children: [running.pid],
@@ -352,15 +344,17 @@ actor ForkTemplate {
         return value
     }
 
-    /// The host pid of the process that is `namespacePID` in the template's pid namespace.
-    static func hostPID(of namespacePID: pid_t, amongProcessesOf id: String, backend: NamespaceBackend) -> pid_t? {
-        for pid in backend.cgroups.pids(sandboxID: id) {
+    /// The host pid of the process in `sandboxID`'s cgroups whose innermost pid is `namespacePID`,
+    /// in a pid namespace at least `depth` levels below the host's (from `NSpid`).
+    static func hostPID(of namespacePID: pid_t, depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
+        -> pid_t?
+    {
+        for pid in backend.cgroups.pids(sandboxID: sandboxID) {
             guard let status = SystemFile.read("/proc/\(pid)/status"),
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
             else { continue }
             let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
-            // Host pid first, the template's namespace last (the host's own bwrap has one entry).
-            if ids.count >= 2, ids.last == namespacePID { return pid }
+            if ids.count > depth, ids.last == namespacePID { return pid }
         }
         return nil
     }

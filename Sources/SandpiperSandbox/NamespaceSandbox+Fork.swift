@@ -89,7 +89,8 @@ extension NamespaceSandbox {
                 )
             }
             // /mnt/data as the session's init sees it: held open for the file API.
-            guard let initPID = Self.namespaceInit(sandboxID: id, backend: backend) else {
+            // The session's pid 1, two pid namespaces below the host's (template, session).
+            guard let initPID = ForkTemplate.hostPID(of: 1, depth: 2, inGroupOf: id, backend: backend) else {
                 throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session has no init")
             }
             let dataFD = open("/proc/\(initPID)/root/mnt/data", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -124,17 +125,5 @@ extension NamespaceSandbox {
             if let error = error as? SandpiperError { throw error }
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "could not start a sandbox: \(error)")
         }
-    }
-
-    /// The host pid of the session's pid 1 (the process whose innermost pid is 1).
-    static func namespaceInit(sandboxID: String, backend: NamespaceBackend) -> pid_t? {
-        for pid in backend.cgroups.pids(sandboxID: sandboxID) {
-            guard let status = SystemFile.read("/proc/\(pid)/status"),
-                let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
-            else { continue }
-            let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
-            if ids.count >= 3, ids.last == 1 { return pid }
-        }
-        return nil
     }
 }

@@ -91,7 +91,7 @@ struct ServerConfiguration: Sendable {
         func seconds(_ key: String) throws -> Duration? {
             guard let value = try server.double(key) else { return nil }
             guard value > 0, value <= 3600 else {
-                throw SandpiperError.invalid("config: server.\(key) must be between 0 and 3600 seconds")
+                throw SandpiperError.invalid("config: server.\(key) must be more than 0 and at most 3600 seconds")
             }
             return .milliseconds(Int64(value * 1000))
         }
@@ -126,7 +126,13 @@ struct ServerConfiguration: Sendable {
         if let isolation = try reader.string("isolation") {
             pool.isolation = try IsolationTier(caseInsensitive: isolation)
         }
-        if let launch = try reader.string("launch") { pool.launch = try LaunchMode(caseInsensitive: launch) }
+        if let launch = try reader.string("launch") {
+            do {
+                pool.launch = try LaunchMode(caseInsensitive: launch)
+            } catch {
+                throw SandpiperError.invalid("config: \(reader.path)launch: \(error.message)")
+            }
+        }
         pool.maxExecutionSeconds = try reader.integer("maxExecutionSeconds") ?? pool.maxExecutionSeconds
         pool.defaultExecutionSeconds =
             try reader.integer("defaultExecutionSeconds") ?? min(pool.defaultExecutionSeconds, pool.maxExecutionSeconds)

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import SANDBOX_UIDS, TINY_COOLDOWN, Api, Server, mounts_under, sandpiper_binary, wait_for_port
+from e2e_helpers import (
+    SANDBOX_UIDS, TINY_COOLDOWN, Api, Server, mounts_under, sandbox_pids, sandpiper_binary, under_another_server,
+    wait_for_port, wait_for_warm_pools,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "e2e-" + uuid.uuid4().hex  # >= 16 characters
@@ -46,54 +49,10 @@ POOLS = [
 ]
 
 
-def sandbox_pids(uids=SANDBOX_UIDS):
-    """PIDs of processes running as a sandbox uid (230000-239999, or the given ones)."""
-    out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True, check=True).stdout
-    pids = []
-    for line in out.splitlines():
-        pid, uid = line.split()
-        if int(uid) in SANDBOX_UIDS and int(uid) in uids:
-            pids.append(int(pid))
-    return pids
-
-
-def _ppid(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def under_another_server(pid):
-    """True when a live `sandpiper` process is an ancestor of pid: a sandbox of another server
-    on this machine (the lead's, another test run's), not one this server left behind."""
-    seen = set()
-    while pid > 1 and pid not in seen:
-        seen.add(pid)
-        pid = _ppid(pid)
-        try:
-            # "sandpiper (deleted)" when the binary was rebuilt under a running server
-            if os.path.basename(os.readlink("/proc/%d/exe" % pid)).startswith("sandpiper"):
-                return True
-        except OSError:
-            pass
-    return False
 
 
 
 
-def _wait_for_warm_pools(server, want, timeout):
-    """Waits until `want` sandboxes have logged "sandbox ready" (the initial pool fill, logged at
-    debug level), so the first tests measure the server and not the cold start of 3 sandboxes on
-    2 cores. Only an optimisation: if the line never shows up the tests start anyway."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.log().count("sandbox ready") >= want:
-            return
-        if server.proc.poll() is not None:
-            pytest.fail("sandpiper exited with %s:\n%s" % (server.proc.returncode, server.log()))
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +84,7 @@ def server():
         port = wait_for_port(port_file, proc, log_path, timeout=120)
         srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
         assert API_KEY in srv.log(), "the server does not print its API key"
-        _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=60)
+        wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=60)
         yield srv
     finally:
         if proc.poll() is None:

@@ -35,7 +35,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_helpers import SANDBOX_UIDS, Api, Server, error_code, mounts_under, sandpiper_binary, wait_for_port  # noqa: E402
+from e2e_helpers import (  # noqa: E402
+    Api, Server, error_code, mounts_under, sandbox_pids, sandpiper_binary, under_another_server,
+    wait_for_port, wait_for_warm_pools,
+)
 
 API_KEY = "sec-" + uuid.uuid4().hex  # >= 16 characters
 UID_BASE = 232000  # not 230000 (default) nor 237000 (e2e): never another server's uids
@@ -82,53 +85,8 @@ POOL_KIND = {"python": "python", "python-gvisor": "python", "node": "node", "she
 
 
 # ---------------------------------------------------------------------------------------------
-# Host-side process helpers (as in tests/e2e/conftest.py)
-
-
-def sandbox_pids(uids=SANDBOX_UIDS):
-    out = subprocess.run(["ps", "-eo", "pid=,uid="], capture_output=True, text=True, check=True).stdout
-    pids = []
-    for line in out.splitlines():
-        pid, uid = line.split()
-        if int(uid) in SANDBOX_UIDS and int(uid) in uids:
-            pids.append(int(pid))
-    return pids
-
-
-def _ppid(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def under_another_server(pid):
-    """True when a live `sandpiper` process is an ancestor of pid (another server's sandbox)."""
-    seen = set()
-    while pid > 1 and pid not in seen:
-        seen.add(pid)
-        pid = _ppid(pid)
-        try:
-            if os.path.basename(os.readlink("/proc/%d/exe" % pid)).startswith("sandpiper"):
-                return True
-        except OSError:
-            pass
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
 # Server
 
-
-def _wait_for_warm_pools(server, want, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.log().count("sandbox ready") >= want:
-            return
-        if server.proc.poll() is not None:
-            pytest.fail("sandpiper exited with %s:\n%s" % (server.proc.returncode, server.log()))
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +113,7 @@ def server():
         srv = Server("http://127.0.0.1:%d" % port, API_KEY, data_dir, log_path, proc)
         srv.port = port
         srv.tmp = tmp
-        _wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=90)
+        wait_for_warm_pools(srv, want=sum(p["readySessionInstances"] for p in POOLS), timeout=90)
         yield srv
     finally:
         if proc.poll() is None:
