@@ -108,21 +108,36 @@ class LoopbackTrap:
 # Host-side observation
 
 
-def host_pids_of_uid(uid):
-    """Host pids whose real uid is `uid` (the processes of one namespace sandbox)."""
+def host_pids_of_uid(uid, coexisting=False):
+    """Host pids whose real uid is `uid` (the processes of one namespace sandbox).
+
+    A /proc scan is not atomic: while a fork bomb churns, a process read early may exit and a
+    newer one appear later in the same scan, so a plain count can exceed what ever lived at
+    once. With `coexisting`, only processes started before the scan began are kept (start
+    times are in clock ticks since boot): those were all alive together at that instant, so
+    the count is one the pids controller really allowed (a lower bound, never an over-count)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    scan_started = int(time.clock_gettime(time.CLOCK_BOOTTIME) * ticks)
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open("/proc/%s/status" % entry) as f:
+                owned = False
                 for line in f:
                     if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
-                            pids.append(int(entry))
+                        owned = int(line.split()[1]) == uid
                         break
-        except OSError:
-            pass
+            if owned and coexisting:
+                with open("/proc/%s/stat" % entry) as f:
+                    # Field 22 (starttime) follows the ")" that closes the command name.
+                    started = int(f.read().rsplit(")", 1)[1].split()[19])
+                owned = started < scan_started
+        except (OSError, ValueError, IndexError):
+            continue
+        if owned:
+            pids.append(int(entry))
     return pids
 
 
@@ -152,7 +167,7 @@ class UidSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, len(host_pids_of_uid(self.uid)))
+            self.peak = max(self.peak, len(host_pids_of_uid(self.uid, coexisting=True)))
             self.host_peak = max(self.host_peak, host_process_count())
             time.sleep(0.05)
 
