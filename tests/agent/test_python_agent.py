@@ -460,6 +460,21 @@ def test_background_process_does_not_block_cell(agent):
     assert time.monotonic() - start < 1.5
     r = ok(agent.execute("p.wait()"))
     assert r["result"] == 0
+    assert "late" not in r["stdout"], "a finished cell's background output leaked into a later cell"
+
+
+def test_cells_reuse_the_agents_threads(agent):
+    """Output capture and the time limit run on long-lived threads: a thousand cells do not
+    start a thousand threads (a thread start costs more than a short cell), and each cell still
+    gets exactly its own output."""
+    ok(agent.execute("import threading\nprint('warm')"))
+    before = ok(agent.execute("threading.active_count()"))["result"]
+    for i in range(40):
+        r = ok(agent.execute("print(%d)\n%d" % (i, i), timeout_seconds=30))
+        assert r["stdout"] == "%d\n" % i and r["result"] == i
+    names = ok(agent.execute("print(*sorted(t.name for t in threading.enumerate()))"))["stdout"].split()
+    assert len(names) == before, names
+    assert "sandpiper-output" in names and "sandpiper-watchdog" in names
 
 
 # ---------------------------------------------------------------------------

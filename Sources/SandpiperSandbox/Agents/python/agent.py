@@ -218,23 +218,69 @@ class Channel:
 # fd-level output capture
 # ----------------------------------------------------------------------------
 
-def _drain_and_close(fd):
-    """Discard whatever lingering background writers still send, then close."""
-    block_sigint_in_this_thread()
-    try:
-        while os.read(fd, READ_CHUNK):
-            pass
-    except OSError:
-        pass
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+class OutputPump(threading.Thread):
+    """One long-lived thread that drains every capture pipe of this process.
+
+    A cell's output must be drained while the cell runs (a pipe holds 1 MiB; a cell that
+    writes more would block on itself), but starting reader threads per cell costs more
+    than the cell itself (a thread start waits for the new thread to take the GIL). The
+    pump polls the pipes of the active captures, appends what arrives under the capture's
+    lock, and keeps discarding the output of captures whose cell has ended while a
+    background process still holds the write end, until that process lets go."""
+
+    _instance = None
+
+    @classmethod
+    def shared(cls):
+        """The pump of this process; a forked child (a session) starts its own, lazily: a
+        template never has one, because threads do not survive fork."""
+        pump = cls._instance
+        if pump is None or pump.owner != os.getpid():
+            pump = cls._instance = cls()
+            pump.start()
+        return pump
+
+    def __init__(self):
+        super().__init__(name="sandpiper-output", daemon=True)
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        self.captures = {}  # read fd -> StreamCapture
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def add(self, capture):
+        with self.lock:
+            self.captures[capture.rfd] = capture
+        os.write(self.wake_w, b"x")
+
+    def run(self):
+        block_sigint_in_this_thread()
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        watched = set()
+        while True:
+            with self.lock:
+                current = set(self.captures)
+            for fd in watched - current:
+                poller.unregister(fd)
+            for fd in current - watched:
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            watched = current
+            for fd, _ in poller.poll():
+                if fd == self.wake_r:
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                with self.lock:
+                    capture = self.captures.get(fd)
+                    if capture is not None:
+                        capture.pump_locked()
 
 
 class StreamCapture:
-    """Points `target_fd` at a pipe and collects at most `limit` bytes."""
+    """Points `target_fd` at a pipe and collects at most `limit` bytes (the pump drains it)."""
 
     def __init__(self, target_fd, limit, name):
         self.target_fd = target_fd
@@ -243,13 +289,14 @@ class StreamCapture:
         self.buf = bytearray()
         self.total = 0
         self.eof = False
-        self.stopping = False
-        self.deadline = None
-        r, w = os.pipe()
+        self.orphaned = False
+        self.pump = OutputPump.shared()
+        r, w = os.pipe2(os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass
+        os.set_blocking(r, False)
         self.rfd = r
         try:
             self.saved = os.dup(target_fd)
@@ -257,51 +304,51 @@ class StreamCapture:
             self.saved = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         os.dup2(w, target_fd)  # inheritable, so subprocesses write into the pipe
         os.close(w)
-        self.thread = threading.Thread(target=self._run, name="sandpiper-" + name, daemon=True)
-        self.thread.start()
+        self.pump.add(self)
 
-    def _run(self):
-        block_sigint_in_this_thread()
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while True:
-            stopping = self.stopping
-            events = poller.poll(0 if stopping else 50)
-            if not events:
-                if stopping:
-                    break
-                continue
+    def pump_locked(self):
+        """Reads what the pipe holds now (the pump's lock is held). Closes the pipe at EOF."""
+        while not self.eof:
             try:
                 data = os.read(self.rfd, READ_CHUNK)
             except BlockingIOError:
-                continue
+                return
             except OSError:
-                self.eof = True
-                break
+                data = b""
             if not data:
                 self.eof = True
-                break
+                self.pump.captures.pop(self.rfd, None)
+                os.close(self.rfd)
+                return
+            if self.orphaned:
+                continue
             self.total += len(data)
             room = self.keep - len(self.buf)
             if room > 0:
                 self.buf += data[:room] if len(data) > room else data
-            if stopping and time.monotonic() > self.deadline:
-                break
 
     def finish(self):
         """Restore the fd, collect the text. Returns (text, truncated)."""
         os.dup2(self.saved, self.target_fd)
         os.close(self.saved)
-        self.deadline = time.monotonic() + 0.5
-        self.stopping = True
-        self.thread.join()
-        if self.eof:
-            os.close(self.rfd)
-        else:
-            # A background process still holds the write end: keep draining
-            # (and discarding) so it never blocks or gets SIGPIPE.
-            threading.Thread(target=_drain_and_close, args=(self.rfd,),
-                             name="sandpiper-orphan-drain", daemon=True).start()
+        # Usually nothing else holds the write end: what is left is read here, then EOF.
+        # Otherwise a background process does; collect what it writes for up to 0.5 s,
+        # then the pump discards the rest until it lets go.
+        deadline = time.monotonic() + 0.5
+        lock = self.pump.lock
+        while True:
+            with lock:
+                self.pump_locked()
+                if self.eof:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.orphaned = True
+                    break
+            try:
+                select.select([self.rfd], [], [], min(remaining, 0.05))
+            except (OSError, ValueError):  # the pump saw EOF and closed it meanwhile
+                pass
         text = decode_capped(self.buf, self.limit)
         truncated = self.total > self.limit
         self.buf = bytearray()
@@ -698,47 +745,95 @@ def ignore_sigint(signum, frame):
     """SIGINT handler outside of user code: ignore (stray or late interrupts)."""
 
 
-class Watchdog(threading.Thread):
-    def __init__(self, agent, timeout, children_before):
-        super().__init__(name="sandpiper-watchdog", daemon=True)
-        self.agent = agent
+class CellTimer:
+    """One cell's time limit, as the watchdog sees it."""
+
+    def __init__(self, timeout, children_before):
         self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
         self.children_before = children_before
         self.done = threading.Event()
-        self.fired = False
         self.interrupted = False  # sent SIGINT while user code was running
+
+
+class Watchdog(threading.Thread):
+    """One long-lived thread that enforces the running cell's time limit (starting a thread
+    per cell costs more than a short cell). Arming a cell rarely wakes it: it sleeps until the
+    earliest deadline it knows of and then looks at whichever cell is armed by then."""
+
+    _instance = None
+
+    @classmethod
+    def shared(cls, agent):
+        dog = cls._instance
+        if dog is None or dog.owner != os.getpid():  # threads do not survive fork
+            dog = cls._instance = cls(agent)
+            dog.start()
+        return dog
+
+    def __init__(self, agent):
+        super().__init__(name="sandpiper-watchdog", daemon=True)
+        self.owner = os.getpid()
+        self.agent = agent
+        self.cond = threading.Condition(threading.Lock())
+        self.timer = None
+        self.sleeping_until = None  # None: idle, no deadline in view
+
+    def arm(self, timeout, children_before):
+        timer = CellTimer(timeout, children_before)
+        with self.cond:
+            self.timer = timer
+            if self.sleeping_until is None or timer.deadline < self.sleeping_until:
+                self.cond.notify()
+        return timer
+
+    def disarm(self, timer):
+        timer.done.set()
+        with self.cond:
+            if self.timer is timer:
+                self.timer = None
 
     def run(self):
         block_sigint_in_this_thread()
-        if self.done.wait(self.timeout):
-            return
-        self.fired = True
+        while True:
+            with self.cond:
+                timer = self.timer
+                now = time.monotonic()
+                if timer is None or timer.done.is_set():
+                    self.sleeping_until = None
+                    self.cond.wait()
+                    continue
+                if now < timer.deadline:
+                    self.sleeping_until = timer.deadline
+                    self.cond.wait(timer.deadline - now)
+                    continue
+                self.sleeping_until = None
+            self.fire(timer)
+
+    def fire(self, timer):
         main_ident = threading.main_thread().ident
-        while not self.done.is_set():
+        while not timer.done.is_set():
             agent = self.agent
             since = agent.formatting_since
             if agent.executing and (since is None or time.monotonic() - since > 2.0):
-                self.interrupted = True
+                timer.interrupted = True
                 try:
                     signal.pthread_kill(main_ident, signal.SIGINT)
                 except (OSError, ValueError):
                     pass
-            if self.done.wait(1.0):
+            if timer.done.wait(1.0):
                 return
-            if self.children_before is not None:
+            if timer.children_before is not None:
                 # The main thread did not react (e.g. blocked in os.system(),
                 # which ignores SIGINT): kill processes started by this cell.
                 try:
-                    for pid in descendants(os.getpid()) - self.children_before:
+                    for pid in descendants(os.getpid()) - timer.children_before:
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
                 except Exception:
                     pass
-
-    def stop(self):
-        self.done.set()
 
 
 class Agent:
@@ -968,13 +1063,13 @@ class Agent:
             out.finish()
             raise
         self.cell = cell
-        watchdog = Watchdog(self, timeout, children_before) if timeout is not None else None
+        timer = None
         res = None
         internal_error = None
         try:
             try:
-                if watchdog is not None:
-                    watchdog.start()
+                if timeout is not None:
+                    timer = Watchdog.shared(self).arm(timeout, children_before)
                 res = self._run_user_code(code)
                 if os.getpid() != self.pid:
                     # A fork()ed child of user code came back here: it must
@@ -984,9 +1079,9 @@ class Agent:
                 self.executing = False
             finally:
                 self.executing = False
-                if watchdog is not None:
-                    watchdog.stop()
-            timed_out = bool(watchdog is not None and watchdog.interrupted)
+                if timer is not None:
+                    Watchdog.shared(self).disarm(timer)
+            timed_out = bool(timer is not None and timer.interrupted)
             interrupted = res is None
             exited = False
             if self.ipython and getattr(self.shell, "exit_now", False):
