@@ -1143,7 +1143,7 @@ def measure_launch_modes(binary, runtime, args, workdir):
     uid_base = args.uid_base
     log("launch modes: fork server (pool fork, %d ready, max %d sessions)" % (args.fork_ready, cap + 20))
     results["fork"] = guarded("fork server", run_mode_server, binary, runtime, workdir, "fork", "fork",
-                              args.fork_ready, cap + 20, uid_base, fork_steps, stop_timeout=300)
+                              args.fork_ready, max(cap, args.fork_ready) + 20, uid_base, fork_steps, stop_timeout=300)
     log("launch modes: fork server for the drained burst (%d ready, %d new identifiers)" % (args.burst_ready, args.burst))
     results["fork_burst"] = guarded("fork burst server", run_mode_server, binary, runtime, workdir, "forkburst",
                                     "fork", args.burst_ready, args.burst + 20, uid_base, burst_steps)

@@ -46,6 +46,7 @@ ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)
 # ----------------------------------------------------------------------------
 
 _diag_fd = None  # CLOEXEC duplicate of the agent's original fd 2
+_template_pid = None  # set in a fork template: it must never start a thread (they do not survive fork)
 
 
 def log(msg):
@@ -290,7 +291,9 @@ class StreamCapture:
         self.total = 0
         self.eof = False
         self.orphaned = False
-        self.pump = OutputPump.shared()
+        # A template rehearses cells without the pump: it must stay single-threaded to fork,
+        # and its rehearsal cell writes nothing.
+        self.pump = None if os.getpid() == _template_pid else OutputPump.shared()
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
@@ -304,7 +307,8 @@ class StreamCapture:
             self.saved = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         os.dup2(w, target_fd)  # inheritable, so subprocesses write into the pipe
         os.close(w)
-        self.pump.add(self)
+        if self.pump is not None:
+            self.pump.add(self)
 
     def pump_locked(self):
         """Reads what the pipe holds now (the pump's lock is held). Closes the pipe at EOF."""
@@ -317,7 +321,8 @@ class StreamCapture:
                 data = b""
             if not data:
                 self.eof = True
-                self.pump.captures.pop(self.rfd, None)
+                if self.pump is not None:
+                    self.pump.captures.pop(self.rfd, None)
                 os.close(self.rfd)
                 return
             if self.orphaned:
@@ -335,7 +340,7 @@ class StreamCapture:
         # Otherwise a background process does; collect what it writes for up to 0.5 s,
         # then the pump discards the rest until it lets go.
         deadline = time.monotonic() + 0.5
-        lock = self.pump.lock
+        lock = self.pump.lock if self.pump is not None else contextlib.nullcontext()
         while True:
             with lock:
                 self.pump_locked()
@@ -967,6 +972,38 @@ class Agent:
                 self.shell.run_cell("pass", store_history=False)
             except BaseException:
                 pass
+        # A template stays single-threaded (no time limit: no watchdog thread).
+        self.rehearse(None if os.getpid() == _template_pid else 30)
+
+    def rehearse(self, timeout=None):
+        """One whole `1+1` cell through execute() and the reply's encoding, as a caller's first
+        cell runs, leaving no trace in the user's namespace, history or `_`: first-use work
+        (formatters, the display hook, the encoder) happens here and not on a caller's clock.
+        In a template it is done once for every session it forks; in a forked session it
+        copies the pages a first cell writes (copy-on-write) while the session waits, ready."""
+        ns = self.shell.user_ns
+        before = set(ns)
+        hook = getattr(self.shell, "displayhook", None)
+        saved = {name: getattr(hook, name) for name in ("_", "__", "___") if hasattr(hook, name)}
+        try:
+            request = {"code": "1+1"}
+            if timeout is not None:
+                request["timeoutSeconds"] = timeout
+            encode_json(self.execute(None, request, store_history=False))
+        except BaseException:
+            pass
+        finally:
+            for name in set(ns) - before:
+                ns.pop(name, None)
+            for name in ("_", "__", "___"):
+                if name in before and name in saved:
+                    ns[name] = saved[name]
+            for name, value in saved.items():
+                setattr(hook, name, value)
+            outputs = ns.get("_oh")
+            if isinstance(outputs, dict):
+                outputs.clear()
+        flush_std_streams()
 
     # -- request handling -----------------------------------------------------
 
@@ -1023,7 +1060,7 @@ class Agent:
             return {"id": rid, "type": "error", "message": "internal error: %r" % (e,)}
         return {"id": rid, "type": "error", "message": "unknown request type: %r" % (kind,)}
 
-    def execute(self, rid, request):
+    def execute(self, rid, request, store_history=True):
         code = request.get("code")
         if not isinstance(code, str):
             raise RequestError("execute: 'code' must be a string")
@@ -1070,7 +1107,7 @@ class Agent:
             try:
                 if timeout is not None:
                     timer = Watchdog.shared(self).arm(timeout, children_before)
-                res = self._run_user_code(code)
+                res = self._run_user_code(code, store_history)
                 if os.getpid() != self.pid:
                     # A fork()ed child of user code came back here: it must
                     # never speak the protocol.
@@ -1158,7 +1195,7 @@ class Agent:
         }
         return fit_result_frame(reply)
 
-    def _run_user_code(self, code):
+    def _run_user_code(self, code, store_history=True):
         # While user code runs, SIGINT uses Python's C-level default handler
         # (raises KeyboardInterrupt without adding an agent frame to the
         # traceback); otherwise it is ignored.
@@ -1166,7 +1203,7 @@ class Agent:
             try:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 self.executing = True
-                return self.shell.run_cell(code, store_history=True)
+                return self.shell.run_cell(code, store_history=store_history)
             finally:
                 self.executing = False
                 signal.signal(signal.SIGINT, ignore_sigint)
@@ -1484,20 +1521,10 @@ def close_fds_except(keep):
 
 
 def warm_session(agent):
-    """One empty cell through the capture path before `ready`: the copy-on-write faults of the
-    first cell happen here, while the session waits in the ready pool, not on a caller's clock."""
-    try:
-        out = StreamCapture(1, 1024, "stdout")
-        err = StreamCapture(2, 1024, "stderr")
-        try:
-            if agent.ipython:
-                agent.shell.run_cell("None", store_history=False)
-        finally:
-            out.finish()
-            err.finish()
-    except BaseException:
-        pass
-    flush_std_streams()
+    """A whole cell before `ready`: the copy-on-write faults of a first cell, and the start of
+    the output and watchdog threads, happen while the session waits in the ready pool, not on
+    a caller's clock."""
+    agent.rehearse(timeout=30)
 
 
 def session_agent(agent, kernel, program, request):
@@ -1577,6 +1604,8 @@ def fork_session(agent, kernel, program, control, request, fds):
         for fd in fds:
             os.close(fd)
         return pid
+    global _template_pid
+    _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -1615,7 +1644,8 @@ def reap_children(signum=None, frame=None):
 
 def template_main():
     import socket
-    global _diag_fd
+    global _diag_fd, _template_pid
+    _template_pid = os.getpid()
     _diag_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 10)
     control = socket.socket(fileno=TEMPLATE_CONTROL_FD)
     os.set_inheritable(control.fileno(), False)
