@@ -65,16 +65,18 @@ struct ContainerTests {
         }
     }
 
-    /// A fixture whose backend knows the test image as pool `web`'s.
-    static func fixture() async throws -> Fixture {
+    /// A fixture whose backend knows the image `script` builds (into `$1/layout`, tag `web`;
+    /// `$2` is the test fixtures directory) as pool `pool`'s.
+    static func fixture(script: String = script, pool: String = "web") async throws -> Fixture {
         let fixture = try Fixture()
         let work = fixture.stateDirectory + "-image"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
-        try run(["-c", script, "build-image", work])
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().path + "/Fixtures"
+        try run(["-c", script, "build-image", work, fixtures])
         let store = try ImageStore(dataDirectory: fixture.stateDirectory)
-        try await store.importArchive(work + "/layout", name: "local/web:test")
-        let resolved = try await store.resolve("local/web:test")
+        try await store.importArchive(work + "/layout", name: "local/\(pool):test")
+        let resolved = try await store.resolve("local/\(pool):test")
         fixture.backend.register(
             image: ContainerImage(
                 name: resolved.record.name,
@@ -86,7 +88,7 @@ struct ContainerTests {
                 workingDirectory: resolved.config.workingDir,
                 user: resolved.config.user
             ),
-            forPool: "web"
+            forPool: pool
         )
         return fixture
     }
@@ -328,10 +330,10 @@ struct ContainerTests {
             try await pool.session(for: SessionIdentifier(validating: "cool-1")).sandbox as? ContainerSandbox
         )
         // The root is an overlayfs while the session lives.
-        var outer = stat()
-        var root = stat()
-        #expect(stat(sandbox.directory, &outer) == 0 && stat(sandbox.directory + "/rootfs", &root) == 0)
-        #expect(outer.st_dev != root.st_dev, "the session's root is not a mount of its own")
+        let files = FileManager.default
+        let outer = try files.attributesOfItem(atPath: sandbox.directory)[.systemNumber] as? Int
+        let root = try files.attributesOfItem(atPath: sandbox.directory + "/rootfs")[.systemNumber] as? Int
+        #expect(outer != nil && outer != root, "the session's root is not a mount of its own")
         try await Task.sleep(for: .milliseconds(1500))
         let reaped = await pool.reapExpired()
         #expect(reaped.count == 1)
