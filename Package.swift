@@ -165,7 +165,14 @@ let package = Package(
             name: "IntegrationTests",
             dependencies: [
                 "SandpiperCore", "SandpiperSessions", "SandpiperSandbox", "SandpiperStore", "SandpiperImages",
+                "SandpiperAPI",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
+            // Sources of programs the tests build into container images.
+            exclude: ["Fixtures"],
             swiftSettings: swiftSettings
         ),
     ]

@@ -123,6 +123,7 @@ long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long si
 
 struct netns_connect {
     int netns_fd;
+    uint32_t address;
     int port;
     int timeout_ms;
     int result;
@@ -144,7 +145,7 @@ static void *netns_connect_thread(void *argument) {
     memset(&address, 0, sizeof address);
     address.sin_family = AF_INET;
     address.sin_port = htons((uint16_t)job->port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    address.sin_addr.s_addr = htonl(job->address);
     if (connect(fd, (struct sockaddr *)&address, sizeof address) != 0) {
         if (errno != EINPROGRESS) {
             job->result = -errno;
@@ -175,8 +176,9 @@ static void *netns_connect_thread(void *argument) {
     return NULL;
 }
 
-int sandpiper_connect_in_netns(int netns_fd, int port, int timeout_ms) {
-    struct netns_connect job = {.netns_fd = netns_fd, .port = port, .timeout_ms = timeout_ms, .result = -EIO};
+int sandpiper_connect_in_netns(int netns_fd, uint32_t address, int port, int timeout_ms) {
+    struct netns_connect job = {
+        .netns_fd = netns_fd, .address = address, .port = port, .timeout_ms = timeout_ms, .result = -EIO};
     pthread_t thread;
     int rc = pthread_create(&thread, NULL, netns_connect_thread, &job);
     if (rc != 0) return -rc;

@@ -66,9 +66,12 @@ public struct ContainerImage: Sendable, Equatable {
     }
 }
 
-/// The OCI bundle (`config.json`) of one custom-container session for crun: every namespace
+/// The OCI bundle (`config.json`) of one custom-container session. For crun: every namespace
 /// including a user namespace whose root is the session's unprivileged host uid, a seccomp
-/// profile, a minimal capability set, no new privileges, read-only /sys, a private /tmp.
+/// profile, a minimal capability set, no new privileges, read-only /sys, a private /tmp. For
+/// runsc (gVisor): the same process, capabilities and mounts, but the namespaces are gVisor's
+/// own kernel's (no user namespace, no seccomp profile: the container never reaches the host's
+/// kernel), and gVisor makes /dev itself.
 enum ContainerBundle {
     /// Kept inside the user namespace (they give nothing on the host: root there is the session uid).
     static let capabilities = [
@@ -146,7 +149,8 @@ enum ContainerBundle {
         environment: [String],
         workingDirectory: String,
         limits: SessionLimits,
-        networkNamespace: String?
+        networkNamespace: String?,
+        gvisor: Bool = false
     ) throws {
         try FileManager.default.createDirectory(atPath: bundle, withIntermediateDirectories: true)
         func mount(_ destination: String, _ type: String, _ source: String, _ options: [String]) -> JSONValue {
@@ -155,29 +159,48 @@ enum ContainerBundle {
                 "options": .array(options.map(JSONValue.string)),
             ])
         }
-        let mounts: [JSONValue] = [
-            mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
+        let devices: [JSONValue] = [
             mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
             mount("/dev/pts", "devpts", "devpts", ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
             mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
             mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
-            // A fresh sysfs needs a network namespace of the container's own user namespace; a joined
-            // one (egress) gets the host's /sys, read-only, as rootless containers do.
-            networkNamespace == nil
-                ? mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"])
-                : mount("/sys", "none", "/sys", ["rbind", "nosuid", "noexec", "nodev", "ro"]),
-            mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777", "size=\(limits.tmpBytes)"]),
         ]
+        let mounts: [JSONValue] =
+            [mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"])] + (gvisor ? [] : devices) + [
+                // A fresh sysfs needs a network namespace of the container's own user namespace; a joined
+                // one (egress) gets the host's /sys, read-only, as rootless containers do.
+                networkNamespace == nil || gvisor
+                    ? mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"])
+                    : mount("/sys", "none", "/sys", ["rbind", "nosuid", "noexec", "nodev", "ro"]),
+                mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777", "size=\(limits.tmpBytes)"]),
+            ]
         let ids: JSONValue = .array([
             .object(["containerID": .integer(0), "hostID": .integer(Int64(uid)), "size": .integer(1)])
         ])
-        var namespaces: [JSONValue] = ["pid", "ipc", "uts", "user", "mount", "cgroup"].map {
-            .object(["type": .string($0)])
-        }
+        var namespaces: [JSONValue] =
+            (gvisor ? ["pid", "ipc", "uts", "mount"] : ["pid", "ipc", "uts", "user", "mount", "cgroup"])
+            .map { .object(["type": .string($0)]) }
         namespaces.append(
             networkNamespace.map { .object(["type": .string("network"), "path": .string($0)]) }
                 ?? .object(["type": .string("network")])
         )
+        var linux: [String: JSONValue] = [
+            "namespaces": .array(namespaces),
+            "maskedPaths": .array(
+                [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+                ].map(JSONValue.string)
+            ),
+            "readonlyPaths": .array(
+                ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"].map(JSONValue.string)
+            ),
+        ]
+        if !gvisor {
+            linux["uidMappings"] = ids
+            linux["gidMappings"] = ids
+            linux["seccomp"] = seccompProfile
+        }
         let caps = JSONValue.array(capabilities.map(JSONValue.string))
         let config: JSONValue = .object([
             "ociVersion": .string("1.0.2"),
@@ -200,21 +223,7 @@ enum ContainerBundle {
                 ]),
             ]),
             "mounts": .array(mounts),
-            "linux": .object([
-                "uidMappings": ids,
-                "gidMappings": ids,
-                "namespaces": .array(namespaces),
-                "seccomp": seccompProfile,
-                "maskedPaths": .array(
-                    [
-                        "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
-                    ].map(JSONValue.string)
-                ),
-                "readonlyPaths": .array(
-                    ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"].map(JSONValue.string)
-                ),
-            ]),
+            "linux": .object(linux),
         ])
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]

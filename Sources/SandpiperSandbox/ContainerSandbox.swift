@@ -12,19 +12,23 @@ import Synchronization
 /// One session of a `CustomContainer` pool: the pool's image on an overlayfs (the image's layers
 /// read-only below, the session's own upper layer), run by crun as the session's unprivileged
 /// host uid (root of its own user namespace), in its own pid/net/mount/ipc/uts/cgroup
-/// namespaces and cgroups, with a seccomp profile. Its network namespace has only `lo` (or a
-/// slirp4netns tap with egress); the host reaches its port from inside that namespace.
+/// namespaces and cgroups, with a seccomp profile; or, with `isolation: gvisor`, by runsc on
+/// gVisor's user-space kernel. Its network namespace has only `lo` (or a slirp4netns tap with
+/// egress); the host reaches its port from inside that namespace.
 final class ContainerSandbox: Sandbox, ContainerEndpoint {
     let id: String
     let uid: UInt32
     let targetPort: Int
     let directory: String
-    /// `crun run` (foreground; it exits when the container does).
+    /// `crun run` or `runsc run` (foreground; it exits when the container does).
     let runtimePID: pid_t
     /// The container's pid 1, as seen from the host.
     let containerPID: pid_t
     let networkPIDs: [pid_t]
+    /// The namespace the host connects from, and the container's address there: its own
+    /// namespace and 127.0.0.1 (crun), or the far end of its veth link (gVisor).
     private let netns: Int32
+    private let address: UInt32
     private let backend: NamespaceBackend
     private let output: OutputTail
     private let logger: Logger
@@ -48,6 +52,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         containerPID: pid_t,
         networkPIDs: [pid_t],
         netns: Int32,
+        address: UInt32,
         backend: NamespaceBackend,
         output: OutputTail,
         logger: Logger,
@@ -61,6 +66,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         self.containerPID = containerPID
         self.networkPIDs = networkPIDs
         self.netns = netns
+        self.address = address
         self.backend = backend
         self.output = output
         self.logger = logger
@@ -126,7 +132,11 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         do {
             try await backend.records.save(record)
             try makeRootfs(directory: directory, rootfs: rootfs, uid: uid, image: image)
-            let procs = try backend.cgroups.create(sandboxID: id, limits: spec.pool.limits)
+            let gvisor = spec.pool.isolation == .gvisor
+            var cgroupLimits = spec.pool.limits
+            // gVisor's sentry and gofer run many threads of their own in the session's pids group.
+            if gvisor { cgroupLimits.pids += 512 }
+            let procs = try backend.cgroups.create(sandboxID: id, limits: cgroupLimits)
 
             var networkNamespace: String?
             if spec.pool.egressEnabled {
@@ -139,6 +149,16 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
                 )
                 children += [network.holder, network.slirp]
                 networkNamespace = "/proc/\(network.holder)/ns/net"
+            }
+            var proxyNamespace: String?
+            if gvisor {
+                let network = try await ContainerNetwork.make(
+                    cgroupProcs: procs,
+                    containerHolder: spec.pool.egressEnabled ? children.first : nil
+                )
+                children += network.holders
+                networkNamespace = network.container
+                proxyNamespace = network.proxy
             }
             let arguments = image.commandLine(for: template)
             guard !arguments.isEmpty else {
@@ -163,26 +183,25 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
                 environment: image.environment(for: template),
                 workingDirectory: image.workingDirectory.flatMap { $0.isEmpty ? nil : $0 } ?? "/",
                 limits: spec.pool.limits,
-                networkNamespace: networkNamespace
+                networkNamespace: networkNamespace,
+                gvisor: gvisor
             )
 
             let outputPipe = try Pipe()
             let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
             defer { close(devNull) }
             let pidFile = directory + "/container.pid"
-            // Join the cgroups first; then, in a private mount namespace without the empty cgroup
-            // v2 mount of hybrid hosts (crun refuses "hybrid mode"), run the container in the
-            // foreground: crun exits when the container does.
-            let crun = [
-                config.crun, "--cgroup-manager=disabled", "--root", directory + "/crun", "run", "--bundle", bundle,
-                "--pid-file", pidFile, "sp-" + id,
-            ]
             let launcher =
-                [
-                    "/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-                    #"if [ -d /sys/fs/cgroup/memory ]; then umount /sys/fs/cgroup/unified 2>/dev/null; fi; exec "$@""#,
-                    "sandpiper-crun",
-                ] + crun
+                gvisor
+                ? runscLauncher(
+                    runsc: config.runsc,
+                    directory: directory,
+                    bundle: bundle,
+                    pidFile: pidFile,
+                    id: id,
+                    networkNamespace: networkNamespace ?? ""
+                )
+                : crunLauncher(crun: config.crun, directory: directory, bundle: bundle, pidFile: pidFile, id: id)
             let script = "cd / && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
             do {
                 runtimePID = try ChildProcess.spawn(
@@ -201,7 +220,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
             let output = try await OutputTail.drain(outputPipe.read)
             tail = output
 
-            // The container's pid: crun writes it once the container runs.
+            // The container's pid: the runtime writes it once the container runs.
             let deadline = ContinuousClock.now + config.startupTimeout
             var containerPID: pid_t = 0
             while containerPID == 0 {
@@ -218,7 +237,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
                     throw SandpiperError(
                         .unavailable,
                         code: "SandboxStartFailed",
-                        "the container did not start (crun exited with status \(status >> 8)): "
+                        "the container did not start (\(gvisor ? "runsc" : "crun") exited with status \(status >> 8)): "
                             + String(output.text.suffix(1500))
                     )
                 }
@@ -226,12 +245,12 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
                     throw SandpiperError(
                         .unavailable,
                         code: "SandboxStartFailed",
-                        "crun did not start the container in time"
+                        "\(gvisor ? "runsc" : "crun") did not start the container in time"
                     )
                 }
                 try await Task.sleep(for: .milliseconds(5))
             }
-            netns = open(networkNamespace ?? "/proc/\(containerPID)/ns/net", O_RDONLY | O_CLOEXEC)
+            netns = open(proxyNamespace ?? networkNamespace ?? "/proc/\(containerPID)/ns/net", O_RDONLY | O_CLOEXEC)
             guard netns >= 0 else {
                 throw SandpiperError(
                     .unavailable,
@@ -248,6 +267,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
                 containerPID: containerPID,
                 networkPIDs: children,
                 netns: netns,
+                address: gvisor ? ContainerNetwork.containerAddress : ContainerNetwork.loopback,
                 backend: backend,
                 output: output,
                 logger: logger,
@@ -271,6 +291,42 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
             if let error = error as? SandpiperError { throw error }
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "could not start a container: \(error)")
         }
+    }
+
+    /// crun in the foreground (it exits when the container does), in a private mount namespace
+    /// without the empty cgroup v2 mount of hybrid hosts (crun refuses "hybrid mode").
+    private static func crunLauncher(crun: String, directory: String, bundle: String, pidFile: String, id: String)
+        -> [String]
+    {
+        [
+            "/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+            #"if [ -d /sys/fs/cgroup/memory ]; then umount /sys/fs/cgroup/unified 2>/dev/null; fi; exec "$@""#,
+            "sandpiper-crun", crun, "--cgroup-manager=disabled", "--root", directory + "/crun", "run", "--bundle",
+            bundle, "--pid-file", pidFile, "sp-" + id,
+        ]
+    }
+
+    /// runsc (gVisor, ptrace platform) in the foreground, started as root inside the container's
+    /// network namespace (see `ContainerNetwork`), whose interfaces gVisor's network stack takes
+    /// over (`--network=sandbox`). runsc tells the root namespace by
+    /// /proc/sys/net/core/rmem_default existing, which newer kernels show in every namespace:
+    /// hide it in a private mount namespace. `--ignore-cgroups`: runsc and its sentry and gofer
+    /// stay in the session's cgroups, which carry the pool's limits.
+    private static func runscLauncher(
+        runsc: String,
+        directory: String,
+        bundle: String,
+        pidFile: String,
+        id: String,
+        networkNamespace: String
+    ) -> [String] {
+        [
+            "/usr/bin/nsenter", "--net=\(networkNamespace)", "--", "/usr/bin/unshare", "--mount", "--propagation",
+            "private", "--", "/bin/sh", "-c",
+            #"mount -t tmpfs -o size=4k,mode=0555 none /proc/sys/net/core && exec "$@""#, "sandpiper-runsc",
+            runsc, "--root", directory + "/runsc", "--platform=ptrace", "--network=sandbox", "--ignore-cgroups", "run",
+            "--bundle", bundle, "--pid-file", pidFile, "sp-" + id,
+        ]
     }
 
     /// The session directory: `upper/` and `work/` (overlayfs), `rootfs/` (the merged tree). The
@@ -339,16 +395,17 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
     /// One probe attempt, from the host, inside the session's network namespace.
     func probeOnce(_ probe: ContainerProbe) async -> Bool {
         let netns = netns
+        let address = address
         return await withCheckedContinuation { continuation in
             DispatchQueue.global().async {
-                continuation.resume(returning: Self.probeBlocking(probe, netns: netns))
+                continuation.resume(returning: Self.probeBlocking(probe, netns: netns, address: address))
             }
         }
     }
 
-    static func probeBlocking(_ probe: ContainerProbe, netns: Int32) -> Bool {
+    static func probeBlocking(_ probe: ContainerProbe, netns: Int32, address: UInt32) -> Bool {
         let timeoutMilliseconds = Int32(probe.timeoutSeconds * 1000)
-        let fd = sandpiper_connect_in_netns(netns, Int32(probe.port), timeoutMilliseconds)
+        let fd = sandpiper_connect_in_netns(netns, address, Int32(probe.port), timeoutMilliseconds)
         guard fd >= 0 else { return false }
         defer { close(fd) }
         guard case .httpGet(let path, let port) = probe.action else { return true }
@@ -461,13 +518,16 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
             )
         }
         let netns = netns
+        let address = address
         let port = targetPort
         let milliseconds = Int32(
             clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000
         )
         let result = await withCheckedContinuation { continuation in
             DispatchQueue.global().async {
-                continuation.resume(returning: sandpiper_connect_in_netns(netns, Int32(port), max(milliseconds, 1)))
+                continuation.resume(
+                    returning: sandpiper_connect_in_netns(netns, address, Int32(port), max(milliseconds, 1))
+                )
             }
         }
         if result >= 0 { return result }
@@ -515,7 +575,7 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         guard !already else { return }
         livenessTask.withLock { $0?.cancel() }
         output.close()
-        // Everything (crun, the container, slirp4netns) lives in the session's cgroups.
+        // Everything (crun or runsc, the container, slirp4netns) lives in the session's cgroups.
         let unreaped = backend.removeTraces(
             id: id,
             children: networkPIDs,

@@ -228,20 +228,13 @@ public final class NamespaceBackend: SandboxBackend {
     /// Checks that this host can run the pool: its runtime exists, and egress can be set up.
     public func validate(_ pool: PoolConfiguration) throws(SandpiperError) {
         if pool.type == .customContainer {
-            guard access(configuration.crun, X_OK) == 0 else {
+            // The gVisor tier runs containers with runsc (checked below), the namespace tier with crun.
+            guard pool.isolation == .gvisor || access(configuration.crun, X_OK) == 0 else {
                 throw SandpiperError(
                     .unavailable,
                     code: "SandboxBackendUnavailable",
                     "pool '\(pool.name)' is CustomContainer but crun is not installed at \(configuration.crun); "
                         + "run `make setup` (apt-get install crun)"
-                )
-            }
-            guard pool.isolation == .namespaces else {
-                throw SandpiperError(
-                    .unavailable,
-                    code: "IsolationTierUnavailable",
-                    "pool '\(pool.name)': custom containers run under crun only for now; isolation gvisor (runsc) is "
-                        + "not implemented for CustomContainer pools"
                 )
             }
             guard image(forPool: pool.name) != nil else {

@@ -10,6 +10,9 @@ import Testing
     import Glibc
 #endif
 
+/// The tiers custom containers run on here: crun always, gVisor (runsc) when this host can.
+let containerTiers: [IsolationTier] = tiers.contains(.gvisor) ? [.namespaces, .gvisor] : [.namespaces]
+
 /// Custom container sessions with a real image (busybox-static's httpd and two CGI scripts,
 /// built with umoci, imported into the image store) run by crun.
 @Suite("Custom containers", .enabled(if: integrationEnabled), .serialized)
@@ -38,7 +41,13 @@ struct ContainerTests {
         if busybox nc -w 2 "$1" "$2" </dev/null >/dev/null 2>&1; then echo reach=yes; else echo reach=no; fi
         echo "uid=$(busybox id -u)"
         CGI
-        chmod 755 "$R/www/cgi-bin/state" "$R/www/cgi-bin/net"
+        cat > "$R/www/cgi-bin/kernel" <<'CGI'
+        #!/bin/sh
+        printf 'Content-Type: text/plain\r\n\r\n'
+        cat /proc/version
+        busybox dmesg 2>&1 | busybox head -n 3
+        CGI
+        chmod 755 "$R/www/cgi-bin/state" "$R/www/cgi-bin/net" "$R/www/cgi-bin/kernel"
         umoci repack --image "$L/layout:web" "$B"
         umoci config --image "$L/layout:web" --config.entrypoint /bin/sh --config.cmd -c \
             --config.cmd 'busybox httpd -f -p 8080 -h /www; exit 3'
@@ -56,16 +65,18 @@ struct ContainerTests {
         }
     }
 
-    /// A fixture whose backend knows the test image as pool `web`'s.
-    static func fixture() async throws -> Fixture {
+    /// A fixture whose backend knows the image `script` builds (into `$1/layout`, tag `web`;
+    /// `$2` is the test fixtures directory) as pool `pool`'s.
+    static func fixture(script: String = script, pool: String = "web") async throws -> Fixture {
         let fixture = try Fixture()
         let work = fixture.stateDirectory + "-image"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
-        try run(["-c", script, "build-image", work])
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().path + "/Fixtures"
+        try run(["-c", script, "build-image", work, fixtures])
         let store = try ImageStore(dataDirectory: fixture.stateDirectory)
-        try await store.importArchive(work + "/layout", name: "local/web:test")
-        let resolved = try await store.resolve("local/web:test")
+        try await store.importArchive(work + "/layout", name: "local/\(pool):test")
+        let resolved = try await store.resolve("local/\(pool):test")
         fixture.backend.register(
             image: ContainerImage(
                 name: resolved.record.name,
@@ -77,14 +88,19 @@ struct ContainerTests {
                 workingDirectory: resolved.config.workingDir,
                 user: resolved.config.user
             ),
-            forPool: "web"
+            forPool: pool
         )
         return fixture
     }
 
-    static func pool(startupProbe: ContainerProbe? = nil, cooldown: Int = 300) -> PoolConfiguration {
+    static func pool(
+        startupProbe: ContainerProbe? = nil,
+        cooldown: Int = 300,
+        isolation: IsolationTier = .namespaces
+    ) -> PoolConfiguration {
         var pool = Fixture.pool(name: "web", cooldown: cooldown)
         pool.type = .customContainer
+        pool.isolation = isolation
         pool.container = ContainerTemplate(image: "local/web:test", targetPort: 8080, startupProbe: startupProbe)
         return pool
     }
@@ -115,15 +131,17 @@ struct ContainerTests {
         return try #require(sandbox as? ContainerSandbox)
     }
 
-    /// Nothing of the container is left: processes, mounts, cgroups, directory.
+    /// Nothing of the container is left: processes (the session uid's, and crun's or runsc's,
+    /// which name the session directory), mounts, cgroups, directory.
     func expectGone(_ sandbox: ContainerSandbox, _ fixture: Fixture) async {
         var left: [Int32] = []
         for _ in 0..<100 {
-            left = fixture.processes(uid: sandbox.uid)
+            left = fixture.processes(uid: sandbox.uid) + fixture.processes(commandContaining: sandbox.directory)
             if left.isEmpty { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
         #expect(left.isEmpty, "processes left: \(left)")
+        #expect(fixture.mounts(under: sandbox.directory).isEmpty, "mounts left")
         // (The directory is gone, so nothing is mounted in it any more.)
         for dir in fixture.backend.cgroups.directories(for: sandbox.id) {
             #expect(!FileManager.default.fileExists(atPath: dir), "cgroup left: \(dir)")
@@ -131,10 +149,17 @@ struct ContainerTests {
         #expect(!FileManager.default.fileExists(atPath: sandbox.directory))
     }
 
-    @Test("two sessions get two containers with separate state; requests reach the right one")
-    func separateState() async throws {
+    @Test(
+        "two sessions get two containers with separate state; requests reach the right one",
+        arguments: containerTiers
+    )
+    func separateState(isolation: IsolationTier) async throws {
         let fixture = try await Self.fixture()
-        let pool = SessionPool(configuration: Self.pool(), backend: fixture.backend, logger: fixture.logger)
+        let pool = SessionPool(
+            configuration: Self.pool(isolation: isolation),
+            backend: fixture.backend,
+            logger: fixture.logger
+        )
         let a = try #require(
             try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
         )
@@ -151,15 +176,17 @@ struct ContainerTests {
             try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
         )
         #expect(again.id == a.id)
-        // The container's processes run as the session's own host uid.
-        #expect(!fixture.processes(uid: a.uid).isEmpty)
+        if isolation == .namespaces {
+            // The container's processes run as the session's own host uid.
+            #expect(!fixture.processes(uid: a.uid).isEmpty)
+        }
         await pool.shutdown()
         await expectGone(a, fixture)
         await expectGone(b, fixture)
     }
 
-    @Test("the container sees only lo and reaches neither the host nor other sessions")
-    func network() async throws {
+    @Test("the container sees only lo and reaches neither the host nor other sessions", arguments: containerTiers)
+    func network(isolation: IsolationTier) async throws {
         let fixture = try await Self.fixture()
         // A server on the host, on every address.
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -175,21 +202,70 @@ struct ContainerTests {
         }
         #expect(bound)
         let port = UInt16(bigEndian: address.sin_port)
-        let a = try await launch(fixture, Self.pool())
-        let b = try await launch(fixture, Self.pool())
+        let a = try await launch(fixture, Self.pool(isolation: isolation))
+        let b = try await launch(fixture, Self.pool(isolation: isolation))
         let toHost = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:\(port)")
-        #expect(toHost.contains("links=lo "), "\(toHost)")
+        // gVisor: eth0 links to the namespace the host connects from, where nothing listens.
+        #expect(toHost.contains(isolation == .gvisor ? "links=lo eth0 \n" : "links=lo \n"), "\(toHost)")
         #expect(toHost.contains("reach=no"), "\(toHost)")
         #expect(toHost.contains("uid=0"), "\(toHost)")
+        // Nothing connected to the host's listener (it would be waiting in the backlog).
+        #expect(Self.pendingConnections(listener) == 0)
         // Another container's port 8080 is not this one's: its 127.0.0.1:8080 is itself.
         let toSelf = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:8080")
         #expect(toSelf.contains("reach=yes"), "\(toSelf)")
         let toOther = try await Self.request(a, "GET", "/cgi-bin/net?10.0.2.100:8080")
         #expect(toOther.contains("reach=no"), "\(toOther)")
+        let toProxySide = try await Self.request(a, "GET", "/cgi-bin/net?169.254.1.1:\(port)")
+        #expect(toProxySide.contains("reach=no"), "\(toProxySide)")
+        #expect(Self.pendingConnections(listener) == 0)
         await a.destroy()
         await b.destroy()
         await expectGone(a, fixture)
         await expectGone(b, fixture)
+    }
+
+    @Test(
+        "a gVisor pool runs its containers on gVisor's kernel, reachable like any other, and leaves nothing",
+        .enabled(if: containerTiers.contains(.gvisor))
+    )
+    func gvisor() async throws {
+        let fixture = try await Self.fixture()
+        let pool = SessionPool(
+            configuration: Self.pool(isolation: .gvisor),
+            backend: fixture.backend,
+            logger: fixture.logger
+        )
+        let sandbox = try #require(
+            try await pool.session(for: SessionIdentifier(validating: "gvisor-1")).sandbox as? ContainerSandbox
+        )
+        #expect(try await Self.request(sandbox, "GET", "/index.html").contains("hello"))
+        // gVisor's kernel says so in its log; the host's would refuse `dmesg` (seccomp) under crun.
+        let kernel = try await Self.request(sandbox, "GET", "/cgi-bin/kernel")
+        #expect(kernel.contains("Starting gVisor"), "\(kernel)")
+        // On the host: runsc's sandbox process (the sentry) runs in the session's cgroups, and no
+        // process of the container runs on the host's kernel as the session uid.
+        let commands = fixture.backend.cgroups.pids(sandboxID: sandbox.id).map { pid in
+            String(decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+        }
+        #expect(commands.contains { $0.hasPrefix("runsc-sandbox") }, "\(commands)")
+        #expect(!commands.contains { $0.hasPrefix("busybox") }, "\(commands)")
+        #expect(fixture.processes(uid: sandbox.uid).isEmpty)
+        await pool.shutdown()
+        await expectGone(sandbox, fixture)
+        #expect(!FileManager.default.fileExists(atPath: sandbox.directory + "/runsc"))
+    }
+
+    /// Connections waiting in `listener`'s backlog (accepted and closed here).
+    static func pendingConnections(_ listener: Int32) -> Int {
+        let flags = fcntl(listener, F_GETFL)
+        _ = fcntl(listener, F_SETFL, flags | O_NONBLOCK)
+        var count = 0
+        while case let fd = accept(listener, nil, nil), fd >= 0 {
+            close(fd)
+            count += 1
+        }
+        return count
     }
 
     @Test("a container that exits ends its session; the next call gets a new one")
@@ -254,10 +330,10 @@ struct ContainerTests {
             try await pool.session(for: SessionIdentifier(validating: "cool-1")).sandbox as? ContainerSandbox
         )
         // The root is an overlayfs while the session lives.
-        var outer = stat()
-        var root = stat()
-        #expect(stat(sandbox.directory, &outer) == 0 && stat(sandbox.directory + "/rootfs", &root) == 0)
-        #expect(outer.st_dev != root.st_dev, "the session's root is not a mount of its own")
+        let files = FileManager.default
+        let outer = try files.attributesOfItem(atPath: sandbox.directory)[.systemNumber] as? Int
+        let root = try files.attributesOfItem(atPath: sandbox.directory + "/rootfs")[.systemNumber] as? Int
+        #expect(outer != nil && outer != root, "the session's root is not a mount of its own")
         try await Task.sleep(for: .milliseconds(1500))
         let reaped = await pool.reapExpired()
         #expect(reaped.count == 1)

@@ -1,5 +1,6 @@
 #ifndef C_SANDPIPER_SHIMS_H
 #define C_SANDPIPER_SHIMS_H
+#include <stdint.h>
 #include <sys/types.h>
 
 /// Writes the sandbox's seccomp filter, as raw BPF, to `fd`. Returns 0 or a negative errno.
@@ -43,9 +44,9 @@ int sandpiper_fsetxattr(int fd, const char *name, const void *value, unsigned lo
 /// fgetxattr(2): reads extended attribute `name` of `fd`. Returns its size or -1 with errno set.
 long sandpiper_fgetxattr(int fd, const char *name, void *value, unsigned long size);
 
-/// A TCP connection to 127.0.0.1:`port` made inside the network namespace `netns_fd` (a
+/// A TCP connection to `address` (IPv4, host byte order: 0x7F000001 is 127.0.0.1):`port` made inside the network namespace `netns_fd` (a
 /// `/proc/<pid>/ns/net` descriptor): a short-lived thread joins the namespace, creates the
 /// socket there and connects; the socket stays in that namespace. Waits up to `timeout_ms`.
 /// Returns a blocking, close-on-exec descriptor, or -errno (ETIMEDOUT, ECONNREFUSED, ...).
-int sandpiper_connect_in_netns(int netns_fd, int port, int timeout_ms);
+int sandpiper_connect_in_netns(int netns_fd, uint32_t address, int port, int timeout_ms);
 #endif
