@@ -34,7 +34,8 @@ static const char *denied[] = {
 };
 
 // What a fork template needs beyond a session: to give each forked session new namespaces
-// (unshare), its own /proc, /tmp and /mnt/data (mount) and hostname. Everything else stays denied.
+// (unshare, and clone with those flags below), its own /proc, /tmp and /mnt/data (mount) and
+// hostname. Everything else stays denied.
 static const char *template_allowed[] = {"mount", "unshare", "sethostname"};
 
 static int template_allows(const char *name) {
@@ -68,7 +69,11 @@ static int export_bpf(int fd, int for_template) {
         CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET,
         CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWCGROUP, CLONE_NEWTIME,
     };
+    // A template clones each session's init straight into new mount, pid, net, uts and ipc
+    // namespaces (what it may unshare anyway); new user, cgroup and time namespaces stay denied.
+    const unsigned long template_ns_flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC;
     for (unsigned i = 0; i < sizeof(ns_flags) / sizeof(ns_flags[0]); i++) {
+        if (for_template && (ns_flags[i] & template_ns_flags)) continue;
         rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
                               SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]));
         if (rc < 0) goto out;

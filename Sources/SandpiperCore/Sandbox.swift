@@ -162,6 +162,13 @@ public protocol SandboxBackend: Sendable {
     func cleanupLeftovers() async
     /// Called once every sandbox is destroyed, as the server stops.
     func shutdown() async
+    /// How many launches for `pool` may be in flight at once while its ready queue refills.
+    func refillParallelism(for pool: PoolConfiguration) async -> Int
+}
+
+extension SandboxBackend {
+    /// Two: a launch that starts an interpreter keeps a core busy for its whole start.
+    public func refillParallelism(for pool: PoolConfiguration) async -> Int { 2 }
 }
 
 /// A sandbox that runs a custom container serving HTTP (`CustomContainer` pools): the HTTP layer

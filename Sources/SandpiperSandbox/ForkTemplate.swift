@@ -99,7 +99,7 @@ actor ForkTemplate {
         else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(reply)")
         }
-        // The fork lives in the template's pid namespace, one level below the host's.
+        // The session's init: the template's pid for it is one level below the host's.
         guard let hostPID = Self.hostPID(of: pid_t(namespacePID), depth: 1, inGroupOf: running.id, backend: backend)
         else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
@@ -344,8 +344,8 @@ actor ForkTemplate {
         return value
     }
 
-    /// The host pid of the process in `sandboxID`'s cgroups whose innermost pid is `namespacePID`,
-    /// in a pid namespace at least `depth` levels below the host's (from `NSpid`).
+    /// The host pid of the process in `sandboxID`'s cgroups whose pid is `namespacePID` in the pid
+    /// namespace `depth` levels below the host's (from `NSpid`).
     static func hostPID(of namespacePID: pid_t, depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
         -> pid_t?
     {
@@ -354,7 +354,9 @@ actor ForkTemplate {
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
             else { continue }
             let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
-            if ids.count > depth, ids.last == namespacePID { return pid }
+            // NSpid lists the pid from the host's namespace down: entry `depth` is the pid in
+            // the namespace that many levels below the host's.
+            if ids.count > depth, ids[depth] == namespacePID { return pid }
         }
         return nil
     }

@@ -398,6 +398,13 @@ public final class NamespaceBackend: SandboxBackend {
         return try await NamespaceSandbox.launch(spec: spec, backend: self)
     }
 
+    /// Forked launches spend most of their time waiting (the template forks one at a time; a
+    /// session sets itself up in a few ms): more of them overlap. Exec launches keep two.
+    public func refillParallelism(for pool: PoolConfiguration) async -> Int {
+        guard pool.forks else { return 2 }
+        return await template(for: pool).available ? 6 : 2
+    }
+
     /// Stops the fork templates and removes this server's (now empty) parent cgroups.
     public func shutdown() async {
         let all = templates.withLock { templates in

@@ -160,20 +160,25 @@ public actor SessionPool {
         }
     }
 
-    /// Brings the ready queue back to `readySessionInstances`, launching up to `parallelism`
-    /// sandboxes at once. Returns false when a launch failed.
-    func refillOnce(parallelism: Int = 2) async -> Bool {
-        var succeeded = true
-        while succeeded, deficit > 0 {
-            let batch = min(deficit, parallelism)
-            launching += batch
-            succeeded = await withTaskGroup(of: Bool.self) { group in
-                for _ in 0..<batch {
+    /// Brings the ready queue back to `readySessionInstances`, keeping up to `parallelism`
+    /// launches in flight (the backend's figure when nil): as one finishes the next starts.
+    /// Stops starting new ones after a failure. Returns false when a launch failed.
+    func refillOnce(parallelism: Int? = nil) async -> Bool {
+        var width = parallelism ?? 2
+        if parallelism == nil { width = await backend.refillParallelism(for: configuration) }
+        width = max(1, width)
+        return await withTaskGroup(of: Bool.self) { group in
+            var inFlight = 0
+            var succeeded = true
+            while true {
+                while succeeded, inFlight < width, deficit > 0 {
+                    launching += 1
+                    inFlight += 1
                     group.addTask {
                         let spec = SandboxSpec(id: UUID().uuidString.lowercased(), pool: self.configuration)
                         do {
                             let sandbox = try await self.backend.launch(spec)
-                            await self.addReady(sandbox)
+                            await self.launched(sandbox)
                             return true
                         } catch {
                             await self.recordLaunchFailure(error)
@@ -181,16 +186,20 @@ public actor SessionPool {
                         }
                     }
                 }
-                var all = true
-                for await ok in group { all = all && ok }
-                return all
+                guard let ok = await group.next() else { return succeeded }
+                inFlight -= 1
+                succeeded = succeeded && ok
             }
-            launching -= batch
         }
-        return succeeded
+    }
+
+    private func launched(_ sandbox: any Sandbox) async {
+        launching -= 1
+        await addReady(sandbox)
     }
 
     private func recordLaunchFailure(_ error: any Error) {
+        launching -= 1
         let wrapped = (error as? SandpiperError) ?? SandpiperError(.unavailable, "could not start a sandbox: \(error)")
         lastLaunchError = wrapped
         logger.error("sandbox launch failed", metadata: ["error": "\(wrapped.message)"])

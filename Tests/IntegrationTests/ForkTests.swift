@@ -115,6 +115,13 @@ struct ForkTests {
             let template = fixture.backend.template(for: pool)
             let dead = try #require(await template.sandboxID)
             for pid in fixture.backend.cgroups.pids(sandboxID: dead) { kill(pid, SIGKILL) }
+            // SIGKILL lands asynchronously: the session's processes go once the kernel tears the
+            // template's pid namespace down (its sessions' namespaces are nested in it).
+            let deadline = ContinuousClock.now + .seconds(10)
+            while !fixture.backend.cgroups.pids(sandboxID: before.id).isEmpty, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            #expect(fixture.backend.cgroups.pids(sandboxID: before.id).isEmpty, "the session outlived its template")
             do {
                 _ = try await before.run("x")
                 Issue.record("a session of a dead template still answered")

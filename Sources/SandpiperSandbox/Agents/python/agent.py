@@ -1415,6 +1415,8 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+SYS_CLONE = 56  # x86_64
+MADV_COLLAPSE = 25
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
@@ -1439,6 +1441,56 @@ class Kernel:
 
     def unshare(self, flags):
         self.check(self.libc.unshare(flags), "unshare")
+
+    def fork_into(self, flags):
+        """fork(2) straight into new namespaces: clone(2) with `flags`, wrapped the way os.fork
+        is (Python's fork hooks around it, the GIL held throughout; PyDLL keeps it). The child
+        is pid 1 of its new pid namespace. One fork of the whole interpreter fewer than fork,
+        unshare, fork again. Only for a single-threaded caller; glibc's cached thread id is
+        stale in the child, so the child must not use pthread_kill or raise (it only sets up
+        namespaces, forks and reaps)."""
+        ctypes = self.ctypes
+        api = ctypes.pythonapi
+        syscall = ctypes.PyDLL(None, use_errno=True).syscall
+        syscall.restype = ctypes.c_long
+        syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_void_p]
+        api.PyOS_BeforeFork()
+        pid = syscall(SYS_CLONE, flags | signal.SIGCHLD, None, None, None, None)
+        if pid == 0:
+            api.PyOS_AfterFork_Child()
+            return 0
+        errno = ctypes.get_errno()
+        api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(errno, "clone: %s" % os.strerror(errno))
+        return pid
+
+    def collapse_to_huge_pages(self):
+        """Backs the heap's populated 2 MiB ranges with transparent huge pages (MADV_COLLAPSE,
+        Linux 6.1+): a fork then copies one page-table entry per 2 MiB instead of 512, and a
+        child's write still copies only the 4 KiB page it touches. Best effort; returns the
+        number of ranges collapsed."""
+        madvise = self.libc.madvise
+        madvise.argtypes = [self.ctypes.c_void_p, self.ctypes.c_size_t, self.ctypes.c_int]
+        huge = 1 << 21
+        collapsed = 0
+        try:
+            with open("/proc/self/maps") as maps:
+                regions = [line.split() for line in maps]
+        except OSError:
+            return 0
+        for fields in regions:
+            perms = fields[1]
+            name = fields[5] if len(fields) > 5 else ""
+            if not perms.startswith("rw") or perms[3] != "p" or name not in ("", "[heap]"):
+                continue
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            start = (low + huge - 1) & ~(huge - 1)
+            for chunk in range(start, high & ~(huge - 1), huge):
+                if madvise(chunk, huge, MADV_COLLAPSE) == 0:
+                    collapsed += 1
+        return collapsed
 
     def mount(self, source, target, fstype, flags, data=None):
         self.check(self.libc.mount(source.encode() if source else None, target.encode(),
@@ -1596,17 +1648,17 @@ def session_init(agent, kernel, program, request):
 
 
 def fork_session(agent, kernel, program, control, request, fds):
-    """Forks the session's first process; it waits for the host's go (sent once the host has
-    moved it into the session's cgroups), then enters new namespaces. Returns its pid."""
+    """Forks the session's init straight into new mount, pid, net, ipc and uts namespaces; it
+    waits for the host's go (sent once the host has moved it into the session's cgroups), then
+    sets the session up and forks the agent. Returns its pid (in the template's namespace)."""
     req, resp, go, err = fds
-    pid = os.fork()
+    pid = kernel.fork_into(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     if pid:
         for fd in fds:
             os.close(fd)
         return pid
     global _template_pid
     _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
-    code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         control.close()
@@ -1619,21 +1671,14 @@ def fork_session(agent, kernel, program, control, request, fds):
         os.dup2(devnull, 1)
         os.dup2(err, 2)
         close_fds_except({0, 1, 2, REQUEST_FD, RESPONSE_FD})
-        kernel.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-        if os.fork() == 0:
-            try:
-                session_init(agent, kernel, program, request)
-            except BaseException:
-                log("session set-up failed: %s" % traceback.format_exc())
-            os._exit(1)
-        code = 0
+        session_init(agent, kernel, program, request)
     except BaseException:
-        log("fork failed: %s" % traceback.format_exc())
-    os._exit(code)
+        log("session set-up failed: %s" % traceback.format_exc())
+    os._exit(1)
 
 
 def reap_children(signum=None, frame=None):
-    """The forks exit as soon as their session's init is started: reap them at once."""
+    """Each session's init is the template's child: reaped as soon as its session ends."""
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -1672,6 +1717,7 @@ def template_main():
     import gc
     gc.collect()
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
+    kernel.collapse_to_huge_pages()
     signal.signal(signal.SIGCHLD, reap_children)
     control.send(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     while True:
