@@ -192,7 +192,9 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
             current.body.writeBuffer(&buffer)
             refusal = current
         case .end:
-            if let refusal { finish(.success(UpgradeAnswer(head: refusal.head, body: refusal.body))) }
+            // The end of a 101 is the start of the other protocol; that of a refusal ends the exchange.
+            guard let refusal else { return }
+            finish(.success(UpgradeAnswer(head: refusal.head, body: refusal.body)))
             context.close(promise: nil)
         }
     }
@@ -214,8 +216,13 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
         try pipeline.addHandler(splice)
         pipeline.removeHandler(self, promise: nil)
         pipeline.removeHandler(encoder, promise: nil)
-        pipeline.removeHandler(decoder, promise: nil)
-        try channel.syncOptions?.setOption(.autoRead, value: true)
+        // The decoder forwards what it holds as it leaves (no read-complete follows: flush it).
+        let removed = channel.eventLoop.makePromise(of: Void.self)
+        pipeline.removeHandler(decoder, promise: removed)
+        removed.futureResult.assumeIsolated().whenComplete { _ in
+            splice.flushPartner()
+            try? channel.syncOptions?.setOption(.autoRead, value: true)
+        }
     }
 
     private func finish(_ result: Result<UpgradeAnswer, any Error>) {
@@ -367,6 +374,9 @@ final class SpliceHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func partnerWrite(_ data: NIOAny) { context?.write(data, promise: nil) }
 
     private func partnerFlush() { context?.flush() }
+
+    /// Flushes what this side passed to its partner outside a read (bytes held by a removed decoder).
+    func flushPartner() { partner?.partnerFlush() }
 
     /// The partner's connection is gone: close this one after what is queued is written.
     func partnerClosed() {
