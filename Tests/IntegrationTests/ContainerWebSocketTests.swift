@@ -278,10 +278,15 @@ extension ContainerProxyTests {
         }
     }
 
-    @Test("WebSocket: an open socket keeps its session past the cooldown; stopping the session closes it")
-    func webSocketSessionLifetime() async throws {
+    @Test(
+        "WebSocket: an open socket keeps its session past the cooldown; stopping the session closes it",
+        arguments: containerTiers
+    )
+    func webSocketSessionLifetime(isolation: IsolationTier) async throws {
         var configuration = Self.pool()
         configuration.cooldownPeriodInSeconds = 1
+        // gVisor: a destroyed container's netstack sends no FIN; only Sandpiper can close the relay.
+        configuration.isolation = isolation
         try await Self.withServer(configuration) { server in
             let identifier = try SessionIdentifier(validating: "wsl-1")
             try await Self.withWebSocket(server, "/ws", identifier: "wsl-1") { _, socket in
