@@ -104,7 +104,16 @@ public actor SessionPool {
         let session = Session(identifier: identifier, sandbox: sandbox, poolName: configuration.name, now: now)
         sessions[identifier] = session
         logger.info("session allocated", metadata: ["identifier": "\(identifier)", "sandbox": "\(sandbox.id)"])
-        requestRefill()
+        if ready.isEmpty {
+            requestRefill()
+        } else {
+            // Ready sandboxes remain: the replacement can start once this caller's first call has
+            // run, rather than take a core from it (a launch is tens of ms of CPU).
+            Task { [weak self] in
+                try? await Task.sleep(for: Self.refillDelayWhileReady)
+                self?.requestRefill()
+            }
+        }
         return session
     }
 
@@ -138,6 +147,9 @@ public actor SessionPool {
     }
 
     // MARK: Refill
+
+    /// How long a refill waits after an allocation that left ready sandboxes in the queue.
+    static let refillDelayWhileReady: Duration = .milliseconds(25)
 
     public nonisolated func requestRefill() {
         refillSignal.yield()
