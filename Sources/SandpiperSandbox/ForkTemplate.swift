@@ -117,6 +117,10 @@ actor ForkTemplate {
         return hostPID
     }
 
+    /// What a session's init costs the template's memory cgroup (measured: 1-2.5 MiB: its page
+    /// tables, task and namespaces, and the pages it writes before it is moved into its own).
+    static let kernelMemoryPerSession: Int64 = 4 << 20
+
     /// A host uid for a new session, with its number inside the template's user namespace.
     func claimUID() async throws -> (host: UInt32, inside: UInt32, block: UIDBlock) {
         if running == nil { try await start() }
@@ -222,7 +226,11 @@ actor ForkTemplate {
         do {
             try await backend.records.save(record)
             var limits = pool.limits
-            limits.memoryBytes = max(limits.memoryBytes, 512 << 20)
+            // The template clones each session's init, so the kernel charges that init's own
+            // memory (page tables, task, the new namespaces, what it writes before it is moved:
+            // fixed, never grown by user code) to the template's cgroup for the session's whole
+            // life: room for each slot.
+            limits.memoryBytes = max(limits.memoryBytes, 512 << 20) + Int64(slots) * Self.kernelMemoryPerSession
             limits.pids = 64
             let procs = try backend.cgroups.create(sandboxID: id, limits: limits)
             var pair: [Int32] = [0, 0]

@@ -56,17 +56,21 @@ final class Fixture: Sendable {
     init(
         records: InMemorySandboxRecordStore = InMemorySandboxRecordStore(),
         stateDirectory: String? = nil,
-        templateStartupTimeout: Duration = .seconds(60)
+        templateStartupTimeout: Duration = .seconds(60),
+        wideUIDRange: Bool = false
     ) throws {
         self.stateDirectory = stateDirectory ?? "/tmp/sandpiper-it-" + UUID().uuidString.prefix(8).lowercased()
         self.records = records
-        let base = UInt32.random(in: 0..<400) * 100 + 300_000
+        // 100 uids from 300,000-339,999, or 1,000 from 250,000-259,999 for a full-size pool.
+        let base =
+            wideUIDRange ? UInt32.random(in: 0..<10) * 1000 + 250_000 : UInt32.random(in: 0..<400) * 100 + 300_000
+        let count: UInt32 = wideUIDRange ? 1000 : 100
         backend = try NamespaceBackend(
             configuration: .init(
                 stateDirectory: self.stateDirectory,
                 pythonRuntime: pythonRuntime,
                 agentsDirectory: NamespaceBackend.bundledAgentsDirectory,
-                uidRange: base...(base + 99),
+                uidRange: base...(base + count - 1),
                 templateStartupTimeout: templateStartupTimeout
             ),
             records: records,
@@ -180,9 +184,10 @@ extension Sandbox {
 /// Runs `body` with a fresh fixture and always tears it down.
 func withFixture(
     templateStartupTimeout: Duration = .seconds(60),
+    wideUIDRange: Bool = false,
     _ body: (Fixture) async throws -> Void
 ) async throws {
-    let fixture = try Fixture(templateStartupTimeout: templateStartupTimeout)
+    let fixture = try Fixture(templateStartupTimeout: templateStartupTimeout, wideUIDRange: wideUIDRange)
     do {
         try await body(fixture)
     } catch {

@@ -106,6 +106,48 @@ struct ForkTests {
         }
     }
 
+    /// The template clones every session's init, so the kernel charges each init's own memory to
+    /// the template's cgroup: the template's limit must hold that for every slot, or a pool near
+    /// its maximum gets its template OOM-killed (and every session with it). Measured on a batch
+    /// of sessions, projected to all the template's slots.
+    @Test("A template's memory cgroup holds the charge of a full pool's sessions")
+    func templateCapacity() async throws {
+        try await withFixture(wideUIDRange: true) { fixture in
+            var pool = Fixture.pool(tier: .forked)
+            pool.maxConcurrentSessions = 500
+            let first = try await fixture.launch(pool)
+            let template = fixture.backend.template(for: pool)
+            let id = try #require(await template.sandboxID)
+            let memory = try #require(
+                fixture.backend.cgroups.directories(for: id).first { $0.contains("memory") || $0.contains("unified") }
+            )
+            func read(_ names: [String]) throws -> Int64 {
+                for name in names {
+                    guard let text = try? String(contentsOfFile: memory + "/" + name, encoding: .utf8) else { continue }
+                    let trimmed = text.trimmingCharacters(in: .whitespacesAndNewlines)
+                    if trimmed == "max" { return .max }
+                    if let value = Int64(trimmed) { return value }
+                }
+                throw SandpiperError(.internalError, "no \(names) in \(memory)")
+            }
+            let usage = ["memory.usage_in_bytes", "memory.current"]
+            let limit = try read(["memory.limit_in_bytes", "memory.max"])
+            let before = try read(usage)
+            var sessions = [first]
+            for _ in 0..<24 { sessions.append(try await fixture.launch(pool)) }
+            let after = try read(usage)
+            let perSession = max(0, after - before) / 24
+            let slots = Int64(pool.maxConcurrentSessions + pool.readySessionInstances + 8)
+            let projected = after + perSession * (slots - Int64(sessions.count))
+            #expect(perSession > 0, "the template's cgroup was not charged at all: \(before) -> \(after)")
+            #expect(
+                projected < limit,
+                "\(slots) sessions would need \(projected >> 20) MiB in the template's cgroup (limit \(limit >> 20) MiB, \(perSession >> 10) KiB each)"
+            )
+            for session in sessions { await session.destroy() }
+        }
+    }
+
     @Test("A template that dies is replaced at the next session; its sessions end with a clear error")
     func templateRestart() async throws {
         try await withFixture { fixture in
