@@ -157,6 +157,11 @@ let package = Package(
             dependencies: [
                 "SandpiperCore", "SandpiperImages", "CSandpiperShims",
                 .product(name: "Logging", package: "swift-log"),
+                // The bearer-token front of the registry integration test, and its proxying client.
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

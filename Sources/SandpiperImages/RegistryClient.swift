@@ -234,7 +234,7 @@ final class RegistryClient: Sendable {
 
     /// GET `url` with auth and redirects handled; returns a 2xx response whose body is not yet read.
     private func send(_ url: String, accept: [String]) async throws(SandpiperError) -> HTTPClientResponse {
-        guard let origin = URL(string: url)?.host else {
+        guard let origin = Self.origin(url) else {
             throw SandpiperError.invalid("bad registry URL '\(url)'", code: "InvalidImageReference")
         }
         var url = url
@@ -244,8 +244,8 @@ final class RegistryClient: Sendable {
             var request = HTTPClientRequest(url: url)
             request.headers.add(name: "Accept", value: accept.joined(separator: ", "))
             request.headers.add(name: "User-Agent", value: "sandpiper")
-            let sameHost = URL(string: url)?.host == origin
-            if sameHost, let value = authorization.withLock({ $0 }) {
+            let sameOrigin = Self.origin(url) == origin
+            if sameOrigin, let value = authorization.withLock({ $0 }) {
                 request.headers.add(name: "Authorization", value: value)
             }
             let response: HTTPClientResponse
@@ -268,7 +268,7 @@ final class RegistryClient: Sendable {
                 }
                 await discard(response)
                 url = next.absoluteString
-            case 401 where sameHost && !challenged:
+            case 401 where sameOrigin && !challenged:
                 challenged = true
                 await discard(response)
                 try await authenticate(response.headers.first(name: "WWW-Authenticate"))
@@ -277,6 +277,16 @@ final class RegistryClient: Sendable {
                 throw Self.statusError(status, reference: reference, detail: detail)
             }
         }
+    }
+
+    /// scheme://host:port, the port made explicit: a redirect to another port of the same host (a
+    /// different server) must not receive the registry's `Authorization` header either.
+    static func origin(_ url: String) -> String? {
+        guard let components = URLComponents(string: url), let scheme = components.scheme?.lowercased(),
+            let host = components.host?.lowercased(), !host.isEmpty
+        else { return nil }
+        let port = components.port ?? (scheme == "https" ? 443 : scheme == "http" ? 80 : -1)
+        return "\(scheme)://\(host):\(port)"
     }
 
     static func statusError(_ status: UInt, reference: ImageReference, detail: String) -> SandpiperError {

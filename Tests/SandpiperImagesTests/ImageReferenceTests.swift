@@ -77,6 +77,19 @@ import Testing
         #expect(basic.parameters["realm"] == "Registry Realm")
     }
 
+    @Test func credentialOriginIncludesSchemeAndPort() {
+        #expect(RegistryClient.origin("https://Registry.example/v2/a") == "https://registry.example:443")
+        #expect(
+            RegistryClient.origin("https://registry.example:443/x")
+                == RegistryClient.origin("https://registry.example/y")
+        )
+        #expect(
+            RegistryClient.origin("http://127.0.0.1:5000/v2/") != RegistryClient.origin("http://127.0.0.1:5001/v2/")
+        )
+        #expect(RegistryClient.origin("http://127.0.0.1:5000/") != RegistryClient.origin("https://127.0.0.1:5000/"))
+        #expect(RegistryClient.origin("not a url") == nil)
+    }
+
     @Test func archiveBaseNames() {
         #expect(ImageStore.baseName("/tmp/Busybox-1.36.oci.tar.gz") == "busybox-1.36")
         #expect(ImageStore.baseName("/tmp/web.tar") == "web")
