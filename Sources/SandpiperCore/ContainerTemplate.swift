@@ -3,8 +3,11 @@ import Foundation
 /// The container a `CustomContainer` pool runs per session (Azure's `customContainerTemplate`,
 /// one container, plus `ingress.targetPort` and the lifecycle).
 public struct ContainerTemplate: Sendable, Equatable {
-    /// A name or digest of an image in the local image store (`sandpiper image pull`/`import`).
+    /// A name or digest of an image in the local image store (`sandpiper image pull`/`import`), or a
+    /// registry reference the server pulls at start when the store does not have it.
     public var image: String
+    /// How to reach the image's registry when it must be pulled (Azure's `registryCredentials`).
+    public var registry: ContainerRegistrySettings?
     /// Replaces the image's Entrypoint (and then its Cmd too, as Kubernetes does).
     public var command: [String]?
     /// Replaces the image's Cmd.
@@ -25,9 +28,11 @@ public struct ContainerTemplate: Sendable, Equatable {
         targetPort: Int,
         startupProbe: ContainerProbe? = nil,
         livenessProbe: ContainerProbe? = nil,
-        lifecycle: ContainerLifecycle = ContainerLifecycle()
+        lifecycle: ContainerLifecycle = ContainerLifecycle(),
+        registry: ContainerRegistrySettings? = nil
     ) {
         self.image = image
+        self.registry = registry
         self.command = command
         self.args = args
         self.environment = environment
@@ -65,6 +70,7 @@ public struct ContainerTemplate: Sendable, Equatable {
                 throw SandpiperError.invalid("container.env: '\(variable.name)' is not a valid variable name")
             }
         }
+        try registry?.validate()
         try startupProbe?.validate(field: "container.probes (Startup)")
         try livenessProbe?.validate(field: "container.probes (Liveness)")
         if lifecycle.type == .onContainerExit {
@@ -73,6 +79,62 @@ public struct ContainerTemplate: Sendable, Equatable {
                     "container.lifecycle.maxAlivePeriodInSeconds must be between 1 and 604800 for OnContainerExit"
                 )
             }
+        }
+    }
+}
+
+/// Where a custom pool's image is pulled from when the local store lacks it (Azure's
+/// `customContainerTemplate.registryCredentials`). The password is never in the configuration:
+/// `passwordSecretRef` names the server's environment variable that holds it.
+public struct ContainerRegistrySettings: Sendable, Equatable {
+    /// The registry the credentials are for (`host[:port]`); when set, the image must name it.
+    public var server: String?
+    public var username: String?
+    /// The environment variable holding the password (config key `passwordSecretRef`).
+    public var passwordVariable: String?
+    /// Plain HTTP instead of TLS (`sandpiper image pull --insecure`).
+    public var insecure: Bool
+
+    public init(server: String? = nil, username: String? = nil, passwordVariable: String? = nil, insecure: Bool = false)
+    {
+        self.server = server
+        self.username = username
+        self.passwordVariable = passwordVariable
+        self.insecure = insecure
+    }
+
+    /// The user name and password to send, read from `environment`; nil for anonymous pulls.
+    public func credentials(from environment: [String: String]) throws(SandpiperError) -> (String, String)? {
+        guard let username, let passwordVariable else { return nil }
+        guard let password = environment[passwordVariable], !password.isEmpty else {
+            throw SandpiperError.invalid(
+                "container.registryCredentials.passwordSecretRef names the environment variable '\(passwordVariable)', "
+                    + "which is not set or empty in the server's environment"
+            )
+        }
+        return (username, password)
+    }
+
+    func validate() throws(SandpiperError) {
+        if let server, server.isEmpty || server.contains("/") || server.contains(where: \.isWhitespace) {
+            throw SandpiperError.invalid(
+                "container.registryCredentials.server must be a registry host[:port], without a scheme or path"
+            )
+        }
+        if (username ?? "").isEmpty != (passwordVariable ?? "").isEmpty {
+            throw SandpiperError.invalid(
+                "container.registryCredentials needs both username and passwordSecretRef (the environment variable "
+                    + "holding the password), or neither"
+            )
+        }
+        if let passwordVariable,
+            !passwordVariable.allSatisfy({ $0 == "_" || ($0.isASCII && ($0.isLetter || $0.isNumber)) })
+                || passwordVariable.first?.isNumber == true
+        {
+            throw SandpiperError.invalid(
+                "container.registryCredentials.passwordSecretRef '\(passwordVariable)' is not an environment variable "
+                    + "name (letters, digits and _)"
+            )
         }
     }
 }

@@ -96,8 +96,7 @@ public actor ImageStore {
 
     private func matching(_ text: String, in records: [ImageRecord]) throws(SandpiperError) -> [ImageRecord] {
         let trimmed = text.trimmingWhitespace()
-        let hex = trimmed.hasPrefix("sha256:") ? String(trimmed.dropFirst(7)) : trimmed
-        if hex.count >= 12, hex.allSatisfy({ $0.isHexDigit && !$0.isUppercase }) {
+        if let hex = Self.digestPrefix(trimmed) {
             let byDigest = records.filter { $0.manifestDigest.hex.hasPrefix(hex) }
             if !byDigest.isEmpty { return byDigest }
         }

@@ -3,7 +3,6 @@ import Foundation
 import Logging
 import SandpiperCore
 import SandpiperImages
-import Synchronization
 
 /// `sandpiper image …`: the OCI images custom container pools run.
 struct Image: AsyncParsableCommand {
@@ -39,46 +38,12 @@ struct Image: AsyncParsableCommand {
         }
     }
 
-    static func bytes(_ count: Int64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var value = Double(count)
-        var unit = 0
-        while value >= 1024 && unit < units.count - 1 {
-            value /= 1024
-            unit += 1
-        }
-        return unit == 0 ? "\(count) B" : String(format: "%.1f ", value) + units[unit]
-    }
+    static func bytes(_ count: Int64) -> String { ImageProgressDescriber.bytes(count) }
 
     /// Progress lines on stderr.
     static func progressPrinter() -> ImageProgressHandler {
-        let layers = LayerCount()
-        return { event in
-            let line: String
-            switch event {
-            case .resolved(let manifest, let count, let total):
-                layers.set(count)
-                line = "manifest \(manifest): \(count) layer(s), \(bytes(total))"
-            case .downloading(let index, let digest, let received, let total):
-                line = "layer \(index + 1)/\(layers.get()) \(digest.short): \(bytes(received)) / \(bytes(total))"
-            case .downloaded(let index, let digest, let cached):
-                line =
-                    "layer \(index + 1)/\(layers.get()) \(digest.short): \(cached ? "already present" : "downloaded")"
-            case .unpacked(let index, let diffID, let cached, let skipped):
-                let note = skipped > 0 ? " (\(skipped) device/FIFO member(s) skipped)" : ""
-                line =
-                    "layer \(index + 1)/\(layers.get()) \(diffID.short): \(cached ? "already unpacked" : "unpacked")\(note)"
-            case .stored(let name, let manifest):
-                line = "stored \(name) (\(manifest.short))"
-            }
-            FileHandle.standardError.write(Data((line + "\n").utf8))
-        }
-    }
-
-    final class LayerCount: Sendable {
-        private let value = Mutex(0)
-        func set(_ count: Int) { value.withLock { $0 = count } }
-        func get() -> Int { value.withLock { $0 } }
+        let describer = ImageProgressDescriber()
+        return { event in FileHandle.standardError.write(Data((describer.line(for: event) + "\n").utf8)) }
     }
 
     struct Pull: AsyncParsableCommand {

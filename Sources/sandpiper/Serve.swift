@@ -137,25 +137,15 @@ struct Serve: AsyncParsableCommand {
 }
 
 /// Custom container pools run images of the local store: each pool's image is resolved once, at
-/// start (a missing image stops the server with the command that fetches it).
+/// start, and pulled first when the store lacks it and it names a registry image
+/// (`ImageStore.resolveOrPull`); a failed pull stops the server with the registry's error.
 func resolveImages(_ settings: ServerConfiguration, backend: NamespaceBackend, logger: Logger) async throws {
     let custom = settings.pools.filter { $0.type == .customContainer }
     guard !custom.isEmpty else { return }
     let store = try ImageStore(dataDirectory: settings.dataDirectory, logger: logger)
     for pool in custom {
-        guard let reference = pool.container?.image else { continue }
-        let resolved: ResolvedImage
-        do {
-            resolved = try await store.resolve(reference)
-        } catch {
-            throw SandpiperError(
-                .unavailable,
-                code: "ContainerImageNotFound",
-                "pool '\(pool.name)': image '\(reference)' is not in the local image store (\(error.message)); fetch it "
-                    + "first with `sandpiper image pull \(reference)` or `sandpiper image import FILE --tag \(reference)` "
-                    + "(same --data-dir as the server)"
-            )
-        }
+        guard let template = pool.container else { continue }
+        let resolved = try await store.resolveOrPull(pool: pool.name, template: template, logger: logger)
         let config = resolved.config
         backend.register(
             image: ContainerImage(

@@ -209,6 +209,11 @@ struct ServerConfiguration: Sendable {
                 }
             }
         }
+        if let credentials = try reader.object("registryCredentials") {
+            var credentials = credentials
+            template.registry = try Self.registry(&credentials)
+            try credentials.finish()
+        }
         if let lifecycle = try reader.object("lifecycle") {
             var lifecycle = lifecycle
             if let type = try lifecycle.string("type") {
@@ -218,6 +223,23 @@ struct ServerConfiguration: Sendable {
             try lifecycle.finish()
         }
         return template
+    }
+
+    /// `container.registryCredentials`: Azure's keys, with `passwordSecretRef` naming the server's
+    /// environment variable that holds the password (a password never sits in the file).
+    static func registry(_ reader: inout ConfigObject) throws -> ContainerRegistrySettings {
+        if reader.fields["password"] != nil {
+            throw SandpiperError.invalid(
+                "config: \(reader.path)password is not accepted: put the password in an environment variable of the "
+                    + "server and name that variable in \(reader.path)passwordSecretRef"
+            )
+        }
+        return ContainerRegistrySettings(
+            server: try reader.string("server"),
+            username: try reader.string("username"),
+            passwordVariable: try reader.string("passwordSecretRef"),
+            insecure: try reader.bool("insecure") ?? false
+        )
     }
 
     static func probe(_ reader: inout ConfigObject) throws -> (String, ContainerProbe) {
@@ -283,7 +305,7 @@ struct ServerConfiguration: Sendable {
 
 /// Reads one JSON object of the config file, remembering which keys were used.
 struct ConfigObject {
-    private let fields: [String: JSONValue]
+    let fields: [String: JSONValue]
     private var used: Set<String> = []
     let path: String
 

@@ -199,6 +199,34 @@ struct RegistryIntegrationTests {
         return layout
     }
 
+    /// The test image (`buildImage`) pushed by skopeo as `repository` to a new registry on
+    /// 127.0.0.1, which asks for htpasswd basic auth (`sandpiper` / `s3cret`) when `basicAuth`.
+    /// Returns the running registry and the image's OCI layout.
+    static func registryWithImage(in directory: String, as repository: String, basicAuth: Bool = false) throws
+        -> (Registry, String)
+    {
+        let layout = try buildImage(in: directory)
+        var htpasswd: String?
+        if basicAuth {
+            htpasswd = directory + "/htpasswd"
+            try run("/usr/bin/htpasswd", ["-Bbn", "sandpiper", "s3cret"])
+                .write(toFile: directory + "/htpasswd", atomically: true, encoding: .utf8)
+        }
+        let registry = try Registry(directory: directory + "/registry", htpasswd: htpasswd)
+        let credentials = basicAuth ? ["--dest-creds", "sandpiper:s3cret"] : []
+        do {
+            try run(
+                "/usr/bin/skopeo",
+                ["copy", "--quiet", "--dest-tls-verify=false"] + credentials
+                    + ["oci:\(layout):web", "docker://127.0.0.1:\(registry.port)/\(repository)"]
+            )
+        } catch {
+            registry.stop()
+            throw error
+        }
+        return (registry, layout)
+    }
+
     static func checkLayers(_ resolved: ResolvedImage) throws {
         #expect(resolved.layerDirectories.count == 2)
         let bottom = resolved.layerDirectories[0]
@@ -264,14 +292,9 @@ struct RegistryIntegrationTests {
         try #require(geteuid() == 0, "image integration tests need root (whiteouts, overlayfs)")
         let dir = try TemporaryDirectory()
         defer { dir.cleanup() }
-        let layout = try Self.buildImage(in: dir.path)
-        let registry = try Registry(directory: dir.path + "/registry")
+        let (registry, layout) = try Self.registryWithImage(in: dir.path, as: "test/web:1")
         defer { registry.stop() }
         let host = "127.0.0.1:\(registry.port)"
-        try Self.run(
-            "/usr/bin/skopeo",
-            ["copy", "--quiet", "--dest-tls-verify=false", "oci:\(layout):web", "docker://\(host)/test/web:1"]
-        )
 
         let store = try ImageStore(dataDirectory: dir.path + "/data")
         let events = Mutex<[ImageProgress]>([])
@@ -337,19 +360,9 @@ struct RegistryIntegrationTests {
         try Self.requireTools()
         let dir = try TemporaryDirectory()
         defer { dir.cleanup() }
-        let layout = try Self.buildImage(in: dir.path)
-        let htpasswd = try Self.run("/usr/bin/htpasswd", ["-Bbn", "sandpiper", "s3cret"])
-        try htpasswd.write(toFile: dir.path + "/htpasswd", atomically: true, encoding: .utf8)
-        let registry = try Registry(directory: dir.path + "/registry", htpasswd: dir.path + "/htpasswd")
+        let (registry, _) = try Self.registryWithImage(in: dir.path, as: "private/web:1", basicAuth: true)
         defer { registry.stop() }
         let host = "127.0.0.1:\(registry.port)"
-        try Self.run(
-            "/usr/bin/skopeo",
-            [
-                "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "sandpiper:s3cret", "oci:\(layout):web",
-                "docker://\(host)/private/web:1",
-            ]
-        )
         let store = try ImageStore(dataDirectory: dir.path + "/data")
         let reference = try ImageReference(parsing: "\(host)/private/web:1")
         let anonymous = await #expect(throws: SandpiperError.self) { try await store.pull(reference, insecure: true) }
