@@ -13,15 +13,13 @@ import SandpiperSessions
 
 /// The request context of the Sandpiper router: Hummingbird's basics plus the client's address
 /// (for `X-Forwarded-For` on proxied requests).
-public struct SandpiperRequestContext: RequestContext, RemoteAddressRequestContext, ChannelRequestContext {
+public struct SandpiperRequestContext: RequestContext, RemoteAddressRequestContext {
     public var coreContext: CoreRequestContextStorage
     public let remoteAddress: SocketAddress?
-    public let channel: any Channel
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
         self.remoteAddress = source.channel.remoteAddress
-        self.channel = source.channel
     }
 }
 
@@ -179,11 +177,7 @@ struct ContainerProxy {
         )
     }
 
-    /// The head sent to the container; `upgrade` (the client's `Upgrade` value) keeps the request
-    /// an upgrade: `Connection: Upgrade` and `Upgrade` are sent, and no body framing.
-    func requestHead(_ request: Request, target: String, clientAddress: String?, upgrade: String? = nil)
-        -> HTTPRequestHead
-    {
+    func requestHead(_ request: Request, target: String, clientAddress: String?) -> HTTPRequestHead {
         var headers = HTTPHeaders()
         var forwardedFor: String?
         var hasLength = false
@@ -215,10 +209,7 @@ struct ContainerProxy {
         }
         headers.add(name: "X-Forwarded-Proto", value: scheme)
         headers.add(name: "X-Forwarded-Host", value: host)
-        if let upgrade {
-            headers.add(name: "Connection", value: "Upgrade")
-            headers.add(name: "Upgrade", value: upgrade)
-        } else if chunked && !hasLength {
+        if chunked && !hasLength {
             headers.add(name: "Transfer-Encoding", value: "chunked")
         } else if !hasLength {
             headers.add(name: "Content-Length", value: "0")

@@ -40,9 +40,6 @@ struct ContainerProxyTests {
         let client: HTTPClient
         let fixture: Fixture
         let pool: SessionPool
-        let port: Int
-        /// The server's per-client connection count (the production guards).
-        let connections: ClientConnectionRegistry
 
         func request(
             _ method: HTTPMethod,
@@ -120,11 +117,8 @@ struct ContainerProxyTests {
         let pool = SessionPool(configuration: configuration, backend: fixture.backend, logger: fixture.logger)
         let sessions = SessionManager(pools: [pool], backends: [fixture.backend], logger: fixture.logger)
         let (ports, portSink) = AsyncStream<Int>.makeStream()
-        let connections = ClientConnectionRegistry(logger: fixture.logger)
-        // The production server: guards, header limits and the upgrade pass-through.
         let app = Application(
             router: buildRouter(sessions: sessions, apiKey: apiKey),
-            server: HTTPLimits().http1Server(registry: connections),
             configuration: .init(address: .hostname("127.0.0.1", port: 0)),
             services: [sessions],
             onServerRunning: { channel in
@@ -135,30 +129,21 @@ struct ContainerProxyTests {
         )
         let running = Task { try await app.runService(gracefulShutdownSignals: []) }
         var iterator = ports.makeAsyncIterator()
-        guard let port = await iterator.next() else {
-            Issue.record("the server did not start")
-            running.cancel()
-            _ = await running.result
-            await pool.shutdown()
-            await fixture.tearDown()
-            return
-        }
+        let port = try #require(await iterator.next())
         let client = HTTPClient(eventLoopGroupProvider: .singleton)
         let server = Server(
             base: "http://127.0.0.1:\(port)/pools/web",
             authority: "127.0.0.1:\(port)",
             client: client,
             fixture: fixture,
-            pool: pool,
-            port: port,
-            connections: connections
+            pool: pool
         )
         do {
             try await body(server)
         } catch {
             Issue.record(error)
         }
-        try? await client.shutdown()
+        try await client.shutdown()
         running.cancel()
         _ = await running.result
         await pool.shutdown()
