@@ -69,6 +69,33 @@ struct ContainerTests {
     /// `$2` is the test fixtures directory) as pool `pool`'s.
     static func fixture(script: String = script, pool: String = "web") async throws -> Fixture {
         let fixture = try Fixture()
+        do {
+            try await build(fixture, script: script, pool: pool)
+        } catch {
+            await fixture.tearDown()
+            throw error
+        }
+        return fixture
+    }
+
+    /// Runs `body` with a fresh `fixture(script:pool:)` and always tears it down (its state
+    /// directory, and whatever its sessions left).
+    static func withFixture(
+        script: String = script,
+        pool: String = "web",
+        _ body: (Fixture) async throws -> Void
+    ) async throws {
+        let fixture = try await fixture(script: script, pool: pool)
+        do {
+            try await body(fixture)
+        } catch {
+            await fixture.tearDown()
+            throw error
+        }
+        await fixture.tearDown()
+    }
+
+    private static func build(_ fixture: Fixture, script: String, pool: String) async throws {
         let work = fixture.stateDirectory + "-image"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
@@ -90,7 +117,6 @@ struct ContainerTests {
             ),
             forPool: pool
         )
-        return fixture
     }
 
     static func pool(
@@ -154,75 +180,78 @@ struct ContainerTests {
         arguments: containerTiers
     )
     func separateState(isolation: IsolationTier) async throws {
-        let fixture = try await Self.fixture()
-        let pool = SessionPool(
-            configuration: Self.pool(isolation: isolation),
-            backend: fixture.backend,
-            logger: fixture.logger
-        )
-        let a = try #require(
-            try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
-        )
-        let b = try #require(
-            try await pool.session(for: SessionIdentifier(validating: "bravo-2")).sandbox as? ContainerSandbox
-        )
-        #expect(a.id != b.id && a.uid != b.uid)
-        #expect(try await Self.request(a, "GET", "/index.html").contains("hello"))
-        _ = try await Self.request(a, "POST", "/cgi-bin/state", body: "from-a")
-        _ = try await Self.request(b, "POST", "/cgi-bin/state", body: "from-b")
-        #expect(try await Self.request(a, "GET", "/cgi-bin/state").contains("state=from-a"))
-        #expect(try await Self.request(b, "GET", "/cgi-bin/state").contains("state=from-b"))
-        let again = try #require(
-            try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
-        )
-        #expect(again.id == a.id)
-        if isolation == .namespaces {
-            // The container's processes run as the session's own host uid.
-            #expect(!fixture.processes(uid: a.uid).isEmpty)
+        try await Self.withFixture { fixture in
+            let pool = SessionPool(
+                configuration: Self.pool(isolation: isolation),
+                backend: fixture.backend,
+                logger: fixture.logger
+            )
+            let a = try #require(
+                try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
+            )
+            let b = try #require(
+                try await pool.session(for: SessionIdentifier(validating: "bravo-2")).sandbox as? ContainerSandbox
+            )
+            #expect(a.id != b.id && a.uid != b.uid)
+            #expect(try await Self.request(a, "GET", "/index.html").contains("hello"))
+            _ = try await Self.request(a, "POST", "/cgi-bin/state", body: "from-a")
+            _ = try await Self.request(b, "POST", "/cgi-bin/state", body: "from-b")
+            #expect(try await Self.request(a, "GET", "/cgi-bin/state").contains("state=from-a"))
+            #expect(try await Self.request(b, "GET", "/cgi-bin/state").contains("state=from-b"))
+            let again = try #require(
+                try await pool.session(for: SessionIdentifier(validating: "alpha-1")).sandbox as? ContainerSandbox
+            )
+            #expect(again.id == a.id)
+            if isolation == .namespaces {
+                // The container's processes run as the session's own host uid.
+                #expect(!fixture.processes(uid: a.uid).isEmpty)
+            }
+            await pool.shutdown()
+            await expectGone(a, fixture)
+            await expectGone(b, fixture)
         }
-        await pool.shutdown()
-        await expectGone(a, fixture)
-        await expectGone(b, fixture)
     }
 
     @Test("the container sees only lo and reaches neither the host nor other sessions", arguments: containerTiers)
     func network(isolation: IsolationTier) async throws {
-        let fixture = try await Self.fixture()
-        // A server on the host, on every address.
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(listener) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, length) == 0 && listen(listener, 8) == 0 && getsockname(listener, $0, &length) == 0
+        try await Self.withFixture { fixture in
+            // A server on the host, on every address.
+            let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(listener) }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = 0
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let bound = withUnsafeMutablePointer(to: &address) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    bind(listener, $0, length) == 0 && listen(listener, 8) == 0
+                        && getsockname(listener, $0, &length) == 0
+                }
             }
+            #expect(bound)
+            let port = UInt16(bigEndian: address.sin_port)
+            let a = try await launch(fixture, Self.pool(isolation: isolation))
+            let b = try await launch(fixture, Self.pool(isolation: isolation))
+            let toHost = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:\(port)")
+            // gVisor: eth0 links to the namespace the host connects from, where nothing listens.
+            #expect(toHost.contains(isolation == .gvisor ? "links=lo eth0 \n" : "links=lo \n"), "\(toHost)")
+            #expect(toHost.contains("reach=no"), "\(toHost)")
+            #expect(toHost.contains("uid=0"), "\(toHost)")
+            // Nothing connected to the host's listener (it would be waiting in the backlog).
+            #expect(Self.pendingConnections(listener) == 0)
+            // Another container's port 8080 is not this one's: its 127.0.0.1:8080 is itself.
+            let toSelf = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:8080")
+            #expect(toSelf.contains("reach=yes"), "\(toSelf)")
+            let toOther = try await Self.request(a, "GET", "/cgi-bin/net?10.0.2.100:8080")
+            #expect(toOther.contains("reach=no"), "\(toOther)")
+            let toProxySide = try await Self.request(a, "GET", "/cgi-bin/net?169.254.1.1:\(port)")
+            #expect(toProxySide.contains("reach=no"), "\(toProxySide)")
+            #expect(Self.pendingConnections(listener) == 0)
+            await a.destroy()
+            await b.destroy()
+            await expectGone(a, fixture)
+            await expectGone(b, fixture)
         }
-        #expect(bound)
-        let port = UInt16(bigEndian: address.sin_port)
-        let a = try await launch(fixture, Self.pool(isolation: isolation))
-        let b = try await launch(fixture, Self.pool(isolation: isolation))
-        let toHost = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:\(port)")
-        // gVisor: eth0 links to the namespace the host connects from, where nothing listens.
-        #expect(toHost.contains(isolation == .gvisor ? "links=lo eth0 \n" : "links=lo \n"), "\(toHost)")
-        #expect(toHost.contains("reach=no"), "\(toHost)")
-        #expect(toHost.contains("uid=0"), "\(toHost)")
-        // Nothing connected to the host's listener (it would be waiting in the backlog).
-        #expect(Self.pendingConnections(listener) == 0)
-        // Another container's port 8080 is not this one's: its 127.0.0.1:8080 is itself.
-        let toSelf = try await Self.request(a, "GET", "/cgi-bin/net?127.0.0.1:8080")
-        #expect(toSelf.contains("reach=yes"), "\(toSelf)")
-        let toOther = try await Self.request(a, "GET", "/cgi-bin/net?10.0.2.100:8080")
-        #expect(toOther.contains("reach=no"), "\(toOther)")
-        let toProxySide = try await Self.request(a, "GET", "/cgi-bin/net?169.254.1.1:\(port)")
-        #expect(toProxySide.contains("reach=no"), "\(toProxySide)")
-        #expect(Self.pendingConnections(listener) == 0)
-        await a.destroy()
-        await b.destroy()
-        await expectGone(a, fixture)
-        await expectGone(b, fixture)
     }
 
     @Test(
@@ -230,30 +259,31 @@ struct ContainerTests {
         .enabled(if: containerTiers.contains(.gvisor))
     )
     func gvisor() async throws {
-        let fixture = try await Self.fixture()
-        let pool = SessionPool(
-            configuration: Self.pool(isolation: .gvisor),
-            backend: fixture.backend,
-            logger: fixture.logger
-        )
-        let sandbox = try #require(
-            try await pool.session(for: SessionIdentifier(validating: "gvisor-1")).sandbox as? ContainerSandbox
-        )
-        #expect(try await Self.request(sandbox, "GET", "/index.html").contains("hello"))
-        // gVisor's kernel says so in its log; the host's would refuse `dmesg` (seccomp) under crun.
-        let kernel = try await Self.request(sandbox, "GET", "/cgi-bin/kernel")
-        #expect(kernel.contains("Starting gVisor"), "\(kernel)")
-        // On the host: runsc's sandbox process (the sentry) runs in the session's cgroups, and no
-        // process of the container runs on the host's kernel as the session uid.
-        let commands = fixture.backend.cgroups.pids(sandboxID: sandbox.id).map { pid in
-            String(decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+        try await Self.withFixture { fixture in
+            let pool = SessionPool(
+                configuration: Self.pool(isolation: .gvisor),
+                backend: fixture.backend,
+                logger: fixture.logger
+            )
+            let sandbox = try #require(
+                try await pool.session(for: SessionIdentifier(validating: "gvisor-1")).sandbox as? ContainerSandbox
+            )
+            #expect(try await Self.request(sandbox, "GET", "/index.html").contains("hello"))
+            // gVisor's kernel says so in its log; the host's would refuse `dmesg` (seccomp) under crun.
+            let kernel = try await Self.request(sandbox, "GET", "/cgi-bin/kernel")
+            #expect(kernel.contains("Starting gVisor"), "\(kernel)")
+            // On the host: runsc's sandbox process (the sentry) runs in the session's cgroups, and no
+            // process of the container runs on the host's kernel as the session uid.
+            let commands = fixture.backend.cgroups.pids(sandboxID: sandbox.id).map { pid in
+                String(decoding: FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data(), as: UTF8.self)
+            }
+            #expect(commands.contains { $0.hasPrefix("runsc-sandbox") }, "\(commands)")
+            #expect(!commands.contains { $0.hasPrefix("busybox") }, "\(commands)")
+            #expect(fixture.processes(uid: sandbox.uid).isEmpty)
+            await pool.shutdown()
+            await expectGone(sandbox, fixture)
+            #expect(!FileManager.default.fileExists(atPath: sandbox.directory + "/runsc"))
         }
-        #expect(commands.contains { $0.hasPrefix("runsc-sandbox") }, "\(commands)")
-        #expect(!commands.contains { $0.hasPrefix("busybox") }, "\(commands)")
-        #expect(fixture.processes(uid: sandbox.uid).isEmpty)
-        await pool.shutdown()
-        await expectGone(sandbox, fixture)
-        #expect(!FileManager.default.fileExists(atPath: sandbox.directory + "/runsc"))
     }
 
     /// Connections waiting in `listener`'s backlog (accepted and closed here).
@@ -270,74 +300,81 @@ struct ContainerTests {
 
     @Test("a container that exits ends its session; the next call gets a new one")
     func crash() async throws {
-        let fixture = try await Self.fixture()
-        let pool = SessionPool(configuration: Self.pool(), backend: fixture.backend, logger: fixture.logger)
-        let identifier = try SessionIdentifier(validating: "crash-1")
-        let first = try #require(try await pool.session(for: identifier).sandbox as? ContainerSandbox)
-        // Kill httpd (not pid 1): the container's shell then exits 3, and crun with it.
-        let httpd = fixture.backend.cgroups.pids(sandboxID: first.id).filter { pid in
-            let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data()
-            return String(decoding: cmdline, as: UTF8.self).hasPrefix("busybox\0httpd")
+        try await Self.withFixture { fixture in
+            let pool = SessionPool(configuration: Self.pool(), backend: fixture.backend, logger: fixture.logger)
+            let identifier = try SessionIdentifier(validating: "crash-1")
+            let first = try #require(try await pool.session(for: identifier).sandbox as? ContainerSandbox)
+            // Kill httpd (not pid 1): the container's shell then exits 3, and crun with it.
+            let httpd = fixture.backend.cgroups.pids(sandboxID: first.id).filter { pid in
+                let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data()
+                return String(decoding: cmdline, as: UTF8.self).hasPrefix("busybox\0httpd")
+            }
+            #expect(!httpd.isEmpty)
+            for pid in httpd { kill(pid, SIGKILL) }
+            for _ in 0..<100 where first.isAlive { try await Task.sleep(for: .milliseconds(20)) }
+            #expect(!first.isAlive)
+
+            await first.destroy()
+            await expectGone(first, fixture)
+
+            do {
+                _ = try await first.connect(timeout: .seconds(1))
+                Issue.record("connected to an exited container")
+            } catch let error as SandpiperError {
+                #expect(error.code == "ContainerUnreachable")
+            }
+            let second = try #require(try await pool.session(for: identifier).sandbox as? ContainerSandbox)
+            #expect(second.id != first.id)
+            #expect(try await Self.request(second, "GET", "/index.html").contains("hello"))
+
+            await pool.shutdown()
+            await expectGone(second, fixture)
         }
-        #expect(!httpd.isEmpty)
-        for pid in httpd { kill(pid, SIGKILL) }
-        for _ in 0..<100 where first.isAlive { try await Task.sleep(for: .milliseconds(20)) }
-        #expect(!first.isAlive)
-
-        await first.destroy()
-        await expectGone(first, fixture)
-
-        do {
-            _ = try await first.connect(timeout: .seconds(1))
-            Issue.record("connected to an exited container")
-        } catch let error as SandpiperError {
-            #expect(error.code == "ContainerUnreachable")
-        }
-        let second = try #require(try await pool.session(for: identifier).sandbox as? ContainerSandbox)
-        #expect(second.id != first.id)
-        #expect(try await Self.request(second, "GET", "/index.html").contains("hello"))
-
-        await pool.shutdown()
-        await expectGone(second, fixture)
     }
 
     @Test("a failing startup probe gives a clear error and leaves nothing")
     func startupProbeFails() async throws {
-        let fixture = try await Self.fixture()
-        let probe = ContainerProbe(
-            action: .httpGet(path: "/missing", port: 8080),
-            periodSeconds: 1,
-            failureThreshold: 2
-        )
-        do {
-            _ = try await launch(fixture, Self.pool(startupProbe: probe))
-            Issue.record("a container whose startup probe fails was started")
-        } catch let error as SandpiperError {
-            #expect(error.code == "ContainerStartupProbeFailed", "\(error)")
-            #expect(error.message.contains("/missing"))
+        try await Self.withFixture { fixture in
+            let probe = ContainerProbe(
+                action: .httpGet(path: "/missing", port: 8080),
+                periodSeconds: 1,
+                failureThreshold: 2
+            )
+            do {
+                _ = try await launch(fixture, Self.pool(startupProbe: probe))
+                Issue.record("a container whose startup probe fails was started")
+            } catch let error as SandpiperError {
+                #expect(error.code == "ContainerStartupProbeFailed", "\(error)")
+                #expect(error.message.contains("/missing"))
+            }
+            let sessions =
+                (try? FileManager.default.contentsOfDirectory(atPath: fixture.stateDirectory + "/sessions")) ?? []
+            #expect(sessions.isEmpty)
+            #expect(fixture.backend.cgroups.leftoverSandboxIDs().isEmpty)
         }
-        let sessions =
-            (try? FileManager.default.contentsOfDirectory(atPath: fixture.stateDirectory + "/sessions")) ?? []
-        #expect(sessions.isEmpty)
-        #expect(fixture.backend.cgroups.leftoverSandboxIDs().isEmpty)
     }
 
     @Test("cooldown removes the container, its overlay and its cgroups")
     func cooldown() async throws {
-        let fixture = try await Self.fixture()
-        let pool = SessionPool(configuration: Self.pool(cooldown: 1), backend: fixture.backend, logger: fixture.logger)
-        let sandbox = try #require(
-            try await pool.session(for: SessionIdentifier(validating: "cool-1")).sandbox as? ContainerSandbox
-        )
-        // The root is an overlayfs while the session lives.
-        let files = FileManager.default
-        let outer = try files.attributesOfItem(atPath: sandbox.directory)[.systemNumber] as? Int
-        let root = try files.attributesOfItem(atPath: sandbox.directory + "/rootfs")[.systemNumber] as? Int
-        #expect(outer != nil && outer != root, "the session's root is not a mount of its own")
-        try await Task.sleep(for: .milliseconds(1500))
-        let reaped = await pool.reapExpired()
-        #expect(reaped.count == 1)
-        await expectGone(sandbox, fixture)
-        await pool.shutdown()
+        try await Self.withFixture { fixture in
+            let pool = SessionPool(
+                configuration: Self.pool(cooldown: 1),
+                backend: fixture.backend,
+                logger: fixture.logger
+            )
+            let sandbox = try #require(
+                try await pool.session(for: SessionIdentifier(validating: "cool-1")).sandbox as? ContainerSandbox
+            )
+            // The root is an overlayfs while the session lives.
+            let files = FileManager.default
+            let outer = try files.attributesOfItem(atPath: sandbox.directory)[.systemNumber] as? Int
+            let root = try files.attributesOfItem(atPath: sandbox.directory + "/rootfs")[.systemNumber] as? Int
+            #expect(outer != nil && outer != root, "the session's root is not a mount of its own")
+            try await Task.sleep(for: .milliseconds(1500))
+            let reaped = await pool.reapExpired()
+            #expect(reaped.count == 1)
+            await expectGone(sandbox, fixture)
+            await pool.shutdown()
+        }
     }
 }
