@@ -85,14 +85,7 @@ struct ContainerTests {
         pool: String = "web",
         _ body: (Fixture) async throws -> Void
     ) async throws {
-        let fixture = try await fixture(script: script, pool: pool)
-        do {
-            try await body(fixture)
-        } catch {
-            await fixture.tearDown()
-            throw error
-        }
-        await fixture.tearDown()
+        try await fixture(script: script, pool: pool).use(body)
     }
 
     private static func build(_ fixture: Fixture, script: String, pool: String) async throws {

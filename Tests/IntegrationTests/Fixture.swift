@@ -187,14 +187,20 @@ func withFixture(
     wideUIDRange: Bool = false,
     _ body: (Fixture) async throws -> Void
 ) async throws {
-    let fixture = try Fixture(templateStartupTimeout: templateStartupTimeout, wideUIDRange: wideUIDRange)
-    do {
-        try await body(fixture)
-    } catch {
-        await fixture.tearDown()
-        throw error
+    try await Fixture(templateStartupTimeout: templateStartupTimeout, wideUIDRange: wideUIDRange).use(body)
+}
+
+extension Fixture {
+    /// Runs `body` with this fixture, then tears it down whether `body` threw or not.
+    func use(_ body: (Fixture) async throws -> Void) async throws {
+        do {
+            try await body(self)
+        } catch {
+            await tearDown()
+            throw error
+        }
+        await tearDown()
     }
-    await fixture.tearDown()
 }
 
 /// The tiers for Node and Shell pools, which never fork.

@@ -1433,6 +1433,11 @@ class Kernel:
                                     ctypes.c_ulong, ctypes.c_char_p]
         self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                                     ctypes.c_ulong, ctypes.c_ulong]
+        # PyDLL: the GIL stays held across the call, as os.fork holds it across fork(2).
+        self.syscall = ctypes.PyDLL(None, use_errno=True).syscall
+        self.syscall.restype = ctypes.c_long
+        self.syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p]
 
     def check(self, result, what):
         if result != 0:
@@ -1451,10 +1456,7 @@ class Kernel:
         namespaces, forks and reaps)."""
         ctypes = self.ctypes
         api = ctypes.pythonapi
-        syscall = ctypes.PyDLL(None, use_errno=True).syscall
-        syscall.restype = ctypes.c_long
-        syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_void_p]
+        syscall = self.syscall
         api.PyOS_BeforeFork()
         pid = syscall(SYS_CLONE, flags | signal.SIGCHLD, None, None, None, None)
         if pid == 0:
