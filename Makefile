@@ -45,8 +45,9 @@ setup:
 	scripts/setup.sh
 
 build:
-	@echo "==> make build: release build of sandpiper"
+	@echo "==> make build: release build of sandpiper and sandpiper-init (forked sessions' first process)"
 	$(SWIFT) build -c release --product sandpiper
+	$(SWIFT) build -c release --product sandpiper-init
 
 run: setup build $(if $(TLS),tls-cert)
 	@echo "==> make run: .build/release/sandpiper serve $(strip $(SERVE_FLAGS) $(ARGS))"

@@ -10,7 +10,8 @@ let package = Package(
     name: "Sandpiper",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "sandpiper", targets: ["sandpiper"])
+        .executable(name: "sandpiper", targets: ["sandpiper"]),
+        .executable(name: "sandpiper-init", targets: ["sandpiper-init"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
@@ -36,6 +37,12 @@ let package = Package(
         .target(
             name: "CSandpiperShims",
             linkerSettings: [.linkedLibrary("seccomp")]
+        ),
+        // The first process of each forked Python session (C, static: exec'd by the pool's
+        // fork template inside its sandbox, where no Swift runtime is bound).
+        .executableTarget(
+            name: "sandpiper-init",
+            linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "-s"])]
         ),
         // The namespace sandbox backend (bubblewrap + seccomp + cgroups + tmpfs /mnt/data).
         .target(

@@ -33,10 +33,11 @@ static const char *denied[] = {
     "query_module", "fanotify_init", "kcmp", "lsm_set_self_attr",
 };
 
-// What a fork template needs beyond a session: to give each forked session new namespaces
-// (unshare, and clone with those flags below), its own /proc, /tmp and /mnt/data (mount) and
-// hostname. Everything else stays denied.
-static const char *template_allowed[] = {"mount", "unshare", "sethostname"};
+// What a fork template needs beyond a session: its sandpiper-init gives each forked session new
+// namespaces (unshare), its own /proc, /tmp and /mnt/data (mount) and hostname; the template
+// forks the session's agent into them (setns, only into namespaces its own user namespace owns).
+// Everything else stays denied, and so does clone with any namespace flag.
+static const char *template_allowed[] = {"mount", "unshare", "sethostname", "setns"};
 
 static int template_allows(const char *name) {
     for (unsigned i = 0; i < sizeof(template_allowed) / sizeof(template_allowed[0]); i++) {
@@ -69,11 +70,7 @@ static int export_bpf(int fd, int for_template) {
         CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET,
         CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWCGROUP, CLONE_NEWTIME,
     };
-    // A template clones each session's init straight into new mount, pid, net, uts and ipc
-    // namespaces (what it may unshare anyway); new user, cgroup and time namespaces stay denied.
-    const unsigned long template_ns_flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC;
     for (unsigned i = 0; i < sizeof(ns_flags) / sizeof(ns_flags[0]); i++) {
-        if (for_template && (ns_flags[i] & template_ns_flags)) continue;
         rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
                               SCMP_A0(SCMP_CMP_MASKED_EQ, ns_flags[i], ns_flags[i]));
         if (rc < 0) goto out;

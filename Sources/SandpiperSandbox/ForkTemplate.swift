@@ -95,26 +95,39 @@ actor ForkTemplate {
             throw templateDied("the template sent a malformed message")
         }
         guard case .object(let fields) = reply, fields["type"] == .string("forked"),
-            case .integer(let namespacePID) = fields["pid"]
+            case .integer(let initPID) = fields["pid"], case .integer(let agentPID) = fields["agent"]
         else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(reply)")
         }
-        // The session's init: the template's pid for it is one level below the host's.
-        guard let hostPID = Self.hostPID(of: pid_t(namespacePID), depth: 1, inGroupOf: running.id, backend: backend)
-        else {
+        // The session's init and its agent, as the template's pid namespace (one level below
+        // the host's) numbers them; both still in the template's cgroups.
+        let hostPIDs = Self.hostPIDs(
+            of: [pid_t(initPID), pid_t(agentPID)],
+            depth: 1,
+            inGroupOf: running.id,
+            backend: backend
+        )
+        guard hostPIDs.count == 2 else {
+            for pid in hostPIDs { kill(pid, SIGKILL) }
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
         }
         for procs in cgroupProcs {
-            guard (try? "\(hostPID)".write(toFile: procs, atomically: false, encoding: .utf8)) != nil else {
-                kill(hostPID, SIGKILL)
-                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "cannot move the session into \(procs)")
+            for pid in hostPIDs {
+                guard (try? "\(pid)".write(toFile: procs, atomically: false, encoding: .utf8)) != nil else {
+                    for pid in hostPIDs { kill(pid, SIGKILL) }
+                    throw SandpiperError(
+                        .unavailable,
+                        code: "SandboxStartFailed",
+                        "cannot move the session into \(procs)"
+                    )
+                }
             }
         }
         var byte = UInt8(ascii: "g")
         guard write(go.write, &byte, 1) == 1 else {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session did not wait")
         }
-        return hostPID
+        return hostPIDs[0]
     }
 
     /// What a session's init costs the template's memory cgroup (measured: 1-2.5 MiB: its page
@@ -207,6 +220,13 @@ actor ForkTemplate {
 
     private func launch() async throws -> Running {
         let started = ContinuousClock.now
+        guard backend.hasSessionInit else {
+            throw SandpiperError(
+                .unavailable,
+                code: Self.unavailableCode,
+                "sandpiper-init is missing at \(backend.configuration.sessionInit) (it is built with the server: `swift build`)"
+            )
+        }
         let slots = UInt32(min(pool.maxConcurrentSessions + pool.readySessionInstances + 8, 4000))
         let base = try backend.allocateUIDBlock(count: slots + 1)
         let uids = UIDBlock(base: base, count: slots, backend: backend)
@@ -357,6 +377,16 @@ actor ForkTemplate {
     static func hostPID(of namespacePID: pid_t, depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
         -> pid_t?
     {
+        hostPIDs(of: [namespacePID], depth: depth, inGroupOf: sandboxID, backend: backend).first
+    }
+
+    /// The host pids of the processes in `sandboxID`'s cgroups whose pids are `namespacePIDs` in
+    /// the pid namespace `depth` levels below the host's, in the same order; shorter when some
+    /// are not there.
+    static func hostPIDs(of namespacePIDs: [pid_t], depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
+        -> [pid_t]
+    {
+        var found: [pid_t: pid_t] = [:]
         for pid in backend.cgroups.pids(sandboxID: sandboxID) {
             guard let status = SystemFile.read("/proc/\(pid)/status"),
                 let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
@@ -364,9 +394,10 @@ actor ForkTemplate {
             let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
             // NSpid lists the pid from the host's namespace down: entry `depth` is the pid in
             // the namespace that many levels below the host's.
-            if ids.count > depth, ids[depth] == namespacePID { return pid }
+            if ids.count > depth, namespacePIDs.contains(ids[depth]) { found[ids[depth]] = pid }
+            if found.count == namespacePIDs.count { break }
         }
-        return nil
+        return namespacePIDs.compactMap { found[$0] }
     }
 
     /// The template's sandbox: the same read-only view as an exec session, its capabilities kept

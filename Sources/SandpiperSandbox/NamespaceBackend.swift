@@ -33,6 +33,9 @@ public final class NamespaceBackend: SandboxBackend {
         public var templateStartupTimeout: Duration
         /// Send the agents' own stderr to the server's (for debugging the agents).
         public var inheritAgentStderr: Bool
+        /// The static `sandpiper-init` program a fork template spawns as each session's first
+        /// process (built with the server, found beside it). Without it, fork pools use exec.
+        public var sessionInit: String
 
         public init(
             stateDirectory: String,
@@ -46,7 +49,8 @@ public final class NamespaceBackend: SandboxBackend {
             crun: String = "/usr/bin/crun",
             startupTimeout: Duration = .seconds(60),
             templateStartupTimeout: Duration = .seconds(60),
-            inheritAgentStderr: Bool = false
+            inheritAgentStderr: Bool = false,
+            sessionInit: String = NamespaceBackend.bundledSessionInit
         ) {
             self.stateDirectory = stateDirectory
             self.pythonRuntime = pythonRuntime
@@ -60,6 +64,7 @@ public final class NamespaceBackend: SandboxBackend {
             self.startupTimeout = startupTimeout
             self.templateStartupTimeout = templateStartupTimeout
             self.inheritAgentStderr = inheritAgentStderr
+            self.sessionInit = sessionInit
         }
     }
 
@@ -68,6 +73,18 @@ public final class NamespaceBackend: SandboxBackend {
     /// The guest agents shipped with this build.
     public static var bundledAgentsDirectory: String {
         Bundle.module.resourceURL?.appendingPathComponent("Agents").path ?? "Agents"
+    }
+
+    /// `sandpiper-init` as built beside this build's resources (`.build/<configuration>/`), or
+    /// beside the running executable.
+    public static var bundledSessionInit: String {
+        let name = "sandpiper-init"
+        if let bundle = Bundle.module.resourceURL?.deletingLastPathComponent() {
+            let path = bundle.appendingPathComponent(name).path
+            if access(path, X_OK) == 0 { return path }
+        }
+        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        return executable.deletingLastPathComponent().appendingPathComponent(name).path
     }
 
     let configuration: Configuration
@@ -145,6 +162,8 @@ public final class NamespaceBackend: SandboxBackend {
     /// Sandboxes bind the agents from the state directory, which every sandbox uid can reach
     /// (a checkout under /root could not be bound by an unprivileged bubblewrap).
     var installedAgentsDirectory: String { configuration.stateDirectory + "/agents" }
+    /// True when fork templates can run: `sandpiper-init` was installed with the agents.
+    var hasSessionInit: Bool { access(installedAgentsDirectory + "/sandpiper-init", X_OK) == 0 }
 
     private func installAgents() throws {
         let target = installedAgentsDirectory
@@ -157,6 +176,11 @@ public final class NamespaceBackend: SandboxBackend {
                 FileManager.default.fileExists(atPath: staging + "/" + relative, isDirectory: &isDirectory)
                 chmod(staging + "/" + relative, isDirectory.boolValue ? 0o755 : 0o644)
             }
+        }
+        // The forked sessions' init, executable by the templates (it drops to each session's uid).
+        if access(configuration.sessionInit, X_OK) == 0 {
+            try FileManager.default.copyItem(atPath: configuration.sessionInit, toPath: staging + "/sandpiper-init")
+            chmod(staging + "/sandpiper-init", 0o755)
         }
         chmod(staging, 0o755)
         try? FileManager.default.removeItem(atPath: target)

@@ -106,6 +106,77 @@ struct ForkTests {
         }
     }
 
+    /// The session's pid 1 is the small static sandpiper-init, not a copy of the interpreter: it
+    /// holds nothing of the template's, and is as confined as the agent before any user code runs.
+    @Test("A forked session's pid 1 is sandpiper-init: session uid, no capability, no_new_privs, seccomp, nothing open")
+    func sessionInit() async throws {
+        try await withFixture { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let session = try await fixture.launch(pool)
+            let pids = fixture.backend.cgroups.pids(sandboxID: session.id)
+            func status(_ pid: pid_t) -> [String: String] {
+                var fields: [String: String] = [:]
+                for line in (SystemFile.read("/proc/\(pid)/status") ?? "").split(separator: "\n") {
+                    let parts = line.split(separator: ":", maxSplits: 1)
+                    if parts.count == 2 {
+                        fields[String(parts[0])] = parts[1].trimmingCharacters(in: .whitespaces)
+                    }
+                }
+                return fields
+            }
+            let initPID = try #require(pids.first { status($0)["NSpid"]?.hasSuffix("\t1") == true }, "\(pids)")
+            let agentPID = try #require(pids.first { status($0)["NSpid"]?.hasSuffix("\t2") == true }, "\(pids)")
+            let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(initPID)/exe")
+            #expect(exe.hasSuffix("/sandpiper-init"), "\(exe)")
+            for pid in [initPID, agentPID] {
+                let fields = status(pid)
+                let uid = "\(session.uid)"
+                #expect(
+                    fields["Uid"]?.split(separator: "\t").allSatisfy { String($0) == uid } == true,
+                    "\(fields["Uid"] ?? "")"
+                )
+                #expect(
+                    fields["Gid"]?.split(separator: "\t").allSatisfy { String($0) == uid } == true,
+                    "\(fields["Gid"] ?? "")"
+                )
+                for capability in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                    #expect(
+                        fields[capability] == "0000000000000000",
+                        "\(pid) \(capability) \(fields[capability] ?? "")"
+                    )
+                }
+                #expect(fields["NoNewPrivs"] == "1")
+                #expect(fields["Seccomp"] == "2")
+            }
+            // Nothing but /dev/null open in pid 1: no pipe of the agent's, nothing of the template's.
+            let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(initPID)/fd")
+            for fd in fds {
+                let target = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(initPID)/fd/\(fd)")
+                #expect(target == "/dev/null", "pid 1 holds fd \(fd): \(target)")
+            }
+            #expect(fds.count == 3)
+            // Not dumpable: its /proc files belong to its user namespace's root (the template's uid),
+            // not to the session's, which therefore cannot ptrace it or read its memory.
+            var info = stat()
+            #expect(stat("/proc/\(initPID)/mem", &info) == 0)
+            #expect(info.st_uid != session.uid)
+            // Its mounts are the session's: /mnt/data a tmpfs of the session's uid.
+            let mounts = SystemFile.read("/proc/\(initPID)/mountinfo") ?? ""
+            #expect(mounts.contains(" /mnt/data ") && mounts.contains("uid=\(session.uid)"), "\(mounts)")
+            // An orphan of the session is reaped by it (no zombie stays behind).
+            _ = try await session.run(
+                "import subprocess; subprocess.Popen(['/bin/sh', '-c', 'sleep 0.2 & exit 0']).wait()"
+            )
+            try await Task.sleep(for: .milliseconds(800))
+            let zombies = fixture.backend.cgroups.pids(sandboxID: session.id).filter {
+                status($0)["State"]?.hasPrefix("Z") == true
+            }
+            #expect(zombies.isEmpty, "\(zombies)")
+            await session.destroy()
+            try await fixture.expectNoTraces(of: session)
+        }
+    }
+
     /// The template clones every session's init, so the kernel charges each init's own memory to
     /// the template's cgroup: the template's limit must hold that for every slot, or a pool near
     /// its maximum gets its template OOM-killed (and every session with it). Measured on a batch

@@ -1401,72 +1401,64 @@ def main():
 # Warm-fork template (docs/agent-protocol.md, "Fork template")
 #
 # The template runs as root of its own user namespace (inside a bubblewrap
-# sandbox, no seccomp: it must unshare and mount for its children), imports
-# and warms everything once, then forks one session per request. It never runs
-# user code. Each session's processes enter new mount, pid, net, ipc and uts
-# namespaces, get their own /tmp and /mnt/data, and drop to the session's uid,
-# all capabilities, no_new_privs and the seccomp filter before the agent loop.
+# sandbox, under a filter that still lets it unshare, mount and setns for its
+# children), imports and warms everything once, then makes one session per
+# request and never runs user code. Per session it spawns sandpiper-init (a
+# small static program: new mount, pid, net, ipc and uts namespaces, the
+# session's /proc, /tmp and /mnt/data, then the session's pid 1, already
+# dropped to the session's uid and filter, reaping orphans), then forks itself
+# once into those namespaces as the session's agent, which drops to the
+# session's uid, all capabilities, no_new_privs and the seccomp filter before
+# it runs anything of the user's.
 # ----------------------------------------------------------------------------
 
 TEMPLATE_CONTROL_FD = 3
 SECCOMP_PROGRAM = "/opt/sandpiper/seccomp.bpf"
+SESSION_INIT = "/opt/sandpiper/agents/sandpiper-init"
+SESSION_INIT_TIMEOUT = 10.0
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-SYS_CLONE = 56  # x86_64
 MADV_COLLAPSE = 25
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
-PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
+PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, PR_SET_CHILD_SUBREAPER = 4, 2, 36
 
 
 class Kernel:
-    """The few system calls Python does not wrap, through ctypes."""
+    """The few system calls Python does not wrap, through ctypes; every prototype and
+    structure is made once, in the template, not per session."""
 
     def __init__(self):
         import ctypes
         self.ctypes = ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                    ctypes.c_ulong, ctypes.c_char_p]
         self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                                     ctypes.c_ulong, ctypes.c_ulong]
-        # PyDLL: the GIL stays held across the call, as os.fork holds it across fork(2).
-        self.syscall = ctypes.PyDLL(None, use_errno=True).syscall
-        self.syscall.restype = ctypes.c_long
-        self.syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_void_p]
+        self.libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.last_capability = int(open("/proc/sys/kernel/cap_last_cap").read())
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32)]
+
+        class Program(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+        self.capability_header, self.capability_data, self.filter_program = Header, Data, Program
 
     def check(self, result, what):
         if result != 0:
             errno = self.ctypes.get_errno()
             raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
 
-    def unshare(self, flags):
-        self.check(self.libc.unshare(flags), "unshare")
-
-    def fork_into(self, flags):
-        """fork(2) straight into new namespaces: clone(2) with `flags`, wrapped the way os.fork
-        is (Python's fork hooks around it, the GIL held throughout; PyDLL keeps it). The child
-        is pid 1 of its new pid namespace. One fork of the whole interpreter fewer than fork,
-        unshare, fork again. Only for a single-threaded caller; glibc's cached thread id is
-        stale in the child, so the child must not use pthread_kill or raise (it only sets up
-        namespaces, forks and reaps)."""
-        ctypes = self.ctypes
-        api = ctypes.pythonapi
-        syscall = self.syscall
-        api.PyOS_BeforeFork()
-        pid = syscall(SYS_CLONE, flags | signal.SIGCHLD, None, None, None, None)
-        if pid == 0:
-            api.PyOS_AfterFork_Child()
-            return 0
-        errno = ctypes.get_errno()
-        api.PyOS_AfterFork_Parent()
-        if pid < 0:
-            raise OSError(errno, "clone: %s" % os.strerror(errno))
-        return pid
+    def setns(self, fd, nstype):
+        self.check(self.libc.setns(fd, nstype), "setns")
 
     def collapse_to_huge_pages(self):
         """Backs the heap's populated 2 MiB ranges with transparent huge pages (MADV_COLLAPSE,
@@ -1474,7 +1466,6 @@ class Kernel:
         child's write still copies only the 4 KiB page it touches. Best effort; returns the
         number of ranges collapsed."""
         madvise = self.libc.madvise
-        madvise.argtypes = [self.ctypes.c_void_p, self.ctypes.c_size_t, self.ctypes.c_int]
         huge = 1 << 21
         collapsed = 0
         try:
@@ -1494,53 +1485,27 @@ class Kernel:
                     collapsed += 1
         return collapsed
 
-    def mount(self, source, target, fstype, flags, data=None):
-        self.check(self.libc.mount(source.encode() if source else None, target.encode(),
-                                   fstype.encode() if fstype else None, flags,
-                                   data.encode() if data else None), "mount " + target)
-
     def prctl(self, option, arg2=0, arg3=0):
         self.check(self.libc.prctl(option, arg2, arg3, 0, 0), "prctl %d" % option)
 
     def drop_capabilities(self):
-        last = int(open("/proc/sys/kernel/cap_last_cap").read())
-        for cap in range(last + 1):
+        for cap in range(self.last_capability + 1):
             self.prctl(PR_CAPBSET_DROP, cap)
         self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
     def clear_inheritable(self):
         ctypes = self.ctypes
-
-        class Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-        class Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                        ("inheritable", ctypes.c_uint32)]
-
-        header = Header(0x20080522, 0)
-        data = (Data * 2)()
+        header = self.capability_header(0x20080522, 0)
+        data = (self.capability_data * 2)()
         self.check(self.libc.capset(ctypes.byref(header), data), "capset")
 
     def install_seccomp(self, program):
         ctypes = self.ctypes
-
-        class Program(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
         buffer = ctypes.create_string_buffer(program, len(program))
-        fprog = Program(len(program) // 8, ctypes.addressof(buffer))
+        fprog = self.filter_program(len(program) // 8, ctypes.addressof(buffer))
         self.prctl(PR_SET_NO_NEW_PRIVS, 1)
         self.check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
                                    ctypes.addressof(fprog), 0, 0), "seccomp")
-
-    def loopback_up(self):
-        import socket
-        SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            request = struct.pack("16sh14x", b"lo", 0)
-            flags = struct.unpack("16sh14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
 
 
 def drop_to(kernel, uid):
@@ -1617,55 +1582,70 @@ def session_agent(agent, kernel, program, request):
     os._exit(0)
 
 
-def session_init(agent, kernel, program, request):
-    """Pid 1 of the session's new namespaces: its mounts, then the agent, then reaping."""
-    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    kernel.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-                 "size=%d,mode=1777" % request["tmpBytes"])
-    if os.path.isdir("/dev/shm"):
-        kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
-                     "size=%d,mode=1777" % request["tmpBytes"])
-    kernel.mount("tmpfs", "/mnt/data", "tmpfs", MS_NOSUID | MS_NODEV,
-                 "size=%d,mode=0700,uid=%d,gid=%d" % (request["diskBytes"], request["uid"], request["uid"]))
-    socket_module = __import__("socket")
-    socket_module.sethostname("sandbox")
-    kernel.loopback_up()
-    child = os.fork()
-    if child == 0:
-        session_agent(agent, kernel, program, request)
-    # The init: holds nothing, reaps orphans, ends the session with the agent.
-    close_fds_except(set())
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    drop_to(kernel, request["uid"])
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        if pid == child:
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+def spawn_session_init(request, err):
+    """The session's namespaces and pid 1, made by sandpiper-init; returns that pid 1's pid in
+    the template's pid namespace."""
+    numbers = [int(request["tmpBytes"]), int(request["diskBytes"]), int(request["uid"])]
+    report, report_w = os.pipe()
+    try:
+        os.posix_spawn(SESSION_INIT, [SESSION_INIT] + [str(n) for n in numbers], {},
+                       file_actions=[(os.POSIX_SPAWN_DUP2, report_w, 3), (os.POSIX_SPAWN_DUP2, err, 2)])
+        os.close(report_w)
+        report_w = -1
+        said = b""
+        deadline = time.monotonic() + SESSION_INIT_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([report], [], [], left)[0]:
+                raise OSError("sandpiper-init did not report in %.0f s" % SESSION_INIT_TIMEOUT)
+            chunk = os.read(report, 1024)
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(report)
+        if report_w >= 0:
+            os.close(report_w)
+    text = said.decode("utf-8", "replace").strip()
+    if not text.isdigit():
+        raise OSError("sandpiper-init: %s" % (text or "no report"))
+    return int(text)
 
 
-def fork_session(agent, kernel, program, control, request, fds):
-    """Forks the session's init straight into new mount, pid, net, ipc and uts namespaces; it
-    waits for the host's go (sent once the host has moved it into the session's cgroups), then
-    sets the session up and forks the agent. Returns its pid (in the template's namespace)."""
+def fork_session(agent, kernel, program, control, own_pid_namespace, request, fds):
+    """Makes the session's namespaces and pid 1 (sandpiper-init), then forks the agent into
+    them: pid 2 of the session, which waits for the host's go (sent once the host has moved
+    both into the session's cgroups), enters the other namespaces and drops to the session.
+    Returns both pids (in the template's pid namespace)."""
     req, resp, go, err = fds
-    pid = kernel.fork_into(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    init = spawn_session_init(request, err)
+    pidfd = os.pidfd_open(init)
+    pid = -1
+    try:
+        kernel.setns(pidfd, CLONE_NEWPID)  # for the next child only: the template stays where it is
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                kernel.setns(own_pid_namespace, CLONE_NEWPID)
+    except BaseException:
+        os.close(pidfd)
+        os.kill(init, signal.SIGKILL)
+        raise
     if pid:
+        os.close(pidfd)
         for fd in fds:
             os.close(fd)
-        return pid
+        return init, pid
     global _template_pid
     _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         control.close()
+        os.close(own_pid_namespace)
         if os.read(go, 1) != b"g":
             os._exit(0)  # the host gave up on this session
+        kernel.setns(pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         os.dup2(req, REQUEST_FD)
         os.dup2(resp, RESPONSE_FD)
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -1673,7 +1653,7 @@ def fork_session(agent, kernel, program, control, request, fds):
         os.dup2(devnull, 1)
         os.dup2(err, 2)
         close_fds_except({0, 1, 2, REQUEST_FD, RESPONSE_FD})
-        session_init(agent, kernel, program, request)
+        session_agent(agent, kernel, program, request)
     except BaseException:
         log("session set-up failed: %s" % traceback.format_exc())
     os._exit(1)
@@ -1720,6 +1700,9 @@ def template_main():
     gc.collect()
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
     kernel.collapse_to_huge_pages()
+    # Each session's pid 1 outlives the sandpiper-init that forked it: reaped here.
+    kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, reap_children)
     control.send(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     while True:
@@ -1733,8 +1716,8 @@ def template_main():
         try:
             request = json.loads(message)
             if request.get("type") == "fork" and len(fds) == 4:
-                pid = fork_session(agent, kernel, program, control, request, fds)
-                reply = {"type": "forked", "pid": pid}
+                init, pid = fork_session(agent, kernel, program, control, own_pid_namespace, request, fds)
+                reply = {"type": "forked", "pid": init, "agent": pid}
                 fds = []
         except Exception as e:
             reply = {"type": "error", "message": repr(e)}
