@@ -1398,7 +1398,7 @@ def main():
 
 
 # ----------------------------------------------------------------------------
-# Warm-fork template (docs/agent-protocol.md, "Fork template")
+# Warm-fork template (docs/architecture.md, "Warm-fork sessions")
 #
 # The template runs as root of its own user namespace (inside a bubblewrap
 # sandbox, under a filter that still lets it unshare, mount and setns for its
