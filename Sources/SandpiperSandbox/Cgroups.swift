@@ -155,7 +155,7 @@ public struct CgroupSetup: Sendable, Equatable {
                     case "memory":
                         try write("\(limits.memoryBytes)", to: dir + "/memory.limit_in_bytes")
                         // Swap accounting may be off; then there is no memsw file and no swap to limit.
-                        if FileManager.default.fileExists(atPath: dir + "/memory.memsw.limit_in_bytes") {
+                        if access(dir + "/memory.memsw.limit_in_bytes", F_OK) == 0 {
                             try write("\(limits.memoryBytes)", to: dir + "/memory.memsw.limit_in_bytes")
                         }
                     case "cpu":
@@ -188,10 +188,7 @@ public struct CgroupSetup: Sendable, Equatable {
     public func pids(sandboxID: String) -> [pid_t] {
         var all = Set<pid_t>()
         for dir in directories(for: sandboxID) {
-            guard let text = SystemFile.read(dir + "/cgroup.procs") else { continue }
-            for line in text.split(separator: "\n") {
-                if let pid = pid_t(line.trimmingCharacters(in: .whitespaces)), pid > 0 { all.insert(pid) }
-            }
+            all.formUnion(SystemFile.pids(dir + "/cgroup.procs"))
         }
         return all.sorted()
     }
@@ -278,6 +275,8 @@ public struct CgroupSetup: Sendable, Equatable {
     }
 
     private func makeDirectory(_ path: String) throws(SandpiperError) {
+        // The parent is made by `prepare()`: one mkdir(2) in the common case.
+        if mkdir(path, 0o755) == 0 { return }
         do {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         } catch {

@@ -113,7 +113,7 @@ actor ForkTemplate {
         }
         for procs in cgroupProcs {
             for pid in hostPIDs {
-                guard (try? "\(pid)".write(toFile: procs, atomically: false, encoding: .utf8)) != nil else {
+                guard SystemFile.write("\(pid)", to: procs) else {
                     for pid in hostPIDs { kill(pid, SIGKILL) }
                     throw SandpiperError(
                         .unavailable,
@@ -388,13 +388,11 @@ actor ForkTemplate {
     {
         var found: [pid_t: pid_t] = [:]
         for pid in backend.cgroups.pids(sandboxID: sandboxID) {
-            guard let status = SystemFile.read("/proc/\(pid)/status"),
-                let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") })
-            else { continue }
-            let ids = line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().compactMap { pid_t($0) }
             // NSpid lists the pid from the host's namespace down: entry `depth` is the pid in
             // the namespace that many levels below the host's.
-            if ids.count > depth, namespacePIDs.contains(ids[depth]) { found[ids[depth]] = pid }
+            guard let ids = SystemFile.namespacePIDs(of: pid), ids.count > depth, namespacePIDs.contains(ids[depth])
+            else { continue }
+            found[ids[depth]] = pid
             if found.count == namespacePIDs.count { break }
         }
         return namespacePIDs.compactMap { found[$0] }

@@ -88,11 +88,8 @@ extension NamespaceSandbox {
                         + (said.isEmpty ? "" : "; it said: \(said.suffix(1500))")
                 )
             }
-            // /mnt/data as the session's init sees it: held open for the file API.
-            // The session's pid 1, two pid namespaces below the host's (template, session).
-            guard let initPID = ForkTemplate.hostPID(of: 1, depth: 2, inGroupOf: id, backend: backend) else {
-                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session has no init")
-            }
+            // /mnt/data as the session's init (pid 1, `first`) sees it: held open for the file API.
+            let initPID = first
             let dataFD = open("/proc/\(initPID)/root/mnt/data", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             guard dataFD >= 0 else {
                 throw SandpiperError(.unavailable, code: "SandboxStartFailed", "cannot open the session's /mnt/data")
