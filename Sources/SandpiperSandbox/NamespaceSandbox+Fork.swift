@@ -29,7 +29,7 @@ extension NamespaceSandbox {
         let release: @Sendable () -> Void = { [block = uid.block, inside = uid.inside] in block.release(inside: inside)
         }
         let directory = backend.sessionsDirectory + "/" + id
-        var record = SandboxRecord(
+        let record = SandboxRecord(
             id: id,
             pool: spec.pool.name,
             backend: NamespaceBackend.name,
@@ -67,8 +67,8 @@ extension NamespaceSandbox {
                 cgroupProcs: procs,
                 fds: [toAgent.read, fromAgent.write, stderrPipe.write]
             )
-            record.pid = first
-            try? await backend.records.save(record)
+            // No second save with the pid: recovery kills by cgroup, and a commit per launch is
+            // worth saving.
             for fd in [toAgent.read, fromAgent.write, stderrPipe.write] { close(fd) }
             openFDs = [toAgent.write, fromAgent.read]
             let stderrTail = try await OutputTail.drain(stderrPipe.read)

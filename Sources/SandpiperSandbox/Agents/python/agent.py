@@ -225,9 +225,12 @@ class OutputPump(threading.Thread):
     A cell's output must be drained while the cell runs (a pipe holds 1 MiB; a cell that
     writes more would block on itself), but starting reader threads per cell costs more
     than the cell itself (a thread start waits for the new thread to take the GIL). The
-    pump polls the pipes of the active captures, appends what arrives under the capture's
-    lock, and keeps discarding the output of captures whose cell has ended while a
-    background process still holds the write end, until that process lets go."""
+    pump waits on an epoll set that the cell's thread edits directly: a capture joins it when
+    its cell starts and leaves it before its write end is closed, so a cell that prints
+    nothing never wakes the pump (each wake-up is a thread switch and a GIL hand-over). The
+    pump reads what arrives under the capture's lock, and keeps discarding the output of
+    captures whose cell has ended while a background process still holds the write end,
+    until that process lets go."""
 
     _instance = None
 
@@ -246,34 +249,29 @@ class OutputPump(threading.Thread):
         self.owner = os.getpid()
         self.lock = threading.Lock()
         self.captures = {}  # read fd -> StreamCapture
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.epoll = select.epoll()
 
     def add(self, capture):
         with self.lock:
             self.captures[capture.rfd] = capture
-        os.write(self.wake_w, b"x")
+            self.epoll.register(capture.rfd, select.EPOLLIN)
+
+    def remove_locked(self, capture):
+        """Takes a capture out of the set (the pump's lock is held); no event of it follows."""
+        if self.captures.pop(capture.rfd, None) is not None:
+            try:
+                self.epoll.unregister(capture.rfd)
+            except (OSError, ValueError):
+                pass
 
     def run(self):
         block_sigint_in_this_thread()
-        poller = select.poll()
-        poller.register(self.wake_r, select.POLLIN)
-        watched = set()
         while True:
-            with self.lock:
-                current = set(self.captures)
-            for fd in watched - current:
-                poller.unregister(fd)
-            for fd in current - watched:
-                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-            watched = current
-            for fd, _ in poller.poll():
-                if fd == self.wake_r:
-                    try:
-                        while os.read(self.wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
+            try:
+                events = self.epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
                 with self.lock:
                     capture = self.captures.get(fd)
                     if capture is not None:
@@ -311,7 +309,8 @@ class StreamCapture:
             self.pump.add(self)
 
     def pump_locked(self):
-        """Reads what the pipe holds now (the pump's lock is held). Closes the pipe at EOF."""
+        """Reads what the pipe holds now (the pump's lock is held, or there is no pump).
+        Closes the pipe at EOF."""
         while not self.eof:
             try:
                 data = os.read(self.rfd, READ_CHUNK)
@@ -322,7 +321,7 @@ class StreamCapture:
             if not data:
                 self.eof = True
                 if self.pump is not None:
-                    self.pump.captures.pop(self.rfd, None)
+                    self.pump.remove_locked(self)
                 os.close(self.rfd)
                 return
             if self.orphaned:
@@ -334,25 +333,30 @@ class StreamCapture:
 
     def finish(self):
         """Restore the fd, collect the text. Returns (text, truncated)."""
+        # The capture leaves the pump before its write end closes: its end of file is read
+        # here, not by a woken pump.
+        if self.pump is not None:
+            with self.pump.lock:
+                self.pump.remove_locked(self)
         os.dup2(self.saved, self.target_fd)
         os.close(self.saved)
         # Usually nothing else holds the write end: what is left is read here, then EOF.
         # Otherwise a background process does; collect what it writes for up to 0.5 s,
         # then the pump discards the rest until it lets go.
         deadline = time.monotonic() + 0.5
-        lock = self.pump.lock if self.pump is not None else contextlib.nullcontext()
         while True:
-            with lock:
-                self.pump_locked()
-                if self.eof:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.orphaned = True
-                    break
+            self.pump_locked()
+            if self.eof:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.orphaned = True
+                if self.pump is not None:
+                    self.pump.add(self)
+                break
             try:
                 select.select([self.rfd], [], [], min(remaining, 0.05))
-            except (OSError, ValueError):  # the pump saw EOF and closed it meanwhile
+            except (OSError, ValueError):
                 pass
         text = decode_capped(self.buf, self.limit)
         truncated = self.total > self.limit
@@ -1696,6 +1700,13 @@ def template_main():
     agent.start_shell()
     agent.warm_up()
     flush_std_streams()
+    # matplotlib drops its FreeType fonts in every forked child (they read their files through a
+    # shared offset): dropped here once, the children have nothing to free (~150 page copies
+    # fewer per session); each loads the fonts it uses, as it would have anyway.
+    font_manager = sys.modules.get("matplotlib.font_manager")
+    clear_fonts = getattr(getattr(font_manager, "_get_font", None), "cache_clear", None)
+    if clear_fonts is not None:
+        clear_fonts()
     import gc
     gc.collect()
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
