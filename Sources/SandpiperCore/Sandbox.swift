@@ -141,6 +141,16 @@ public protocol Sandbox: AnyObject, Sendable {
     /// Stops everything and removes every trace (processes, mounts, cgroups, files).
     /// Idempotent.
     func destroy() async
+
+    /// Work that makes the first call faster but is not needed to serve it (a forked Python
+    /// session rehearses a cell: the copy-on-write faults of a first cell). The pool runs it on
+    /// its ready sandboxes once it has nothing left to launch, one at a time, so refilling goes
+    /// first. Returns at once when there is nothing to do; errors are the sandbox's to log.
+    func prewarm() async
+}
+
+extension Sandbox {
+    public func prewarm() async {}
 }
 
 /// What a backend needs to start a sandbox for a pool.

@@ -21,6 +21,7 @@ final class NamespaceSandbox: Sandbox {
     private let agent: AgentChannel
     private let backend: NamespaceBackend
     private let destroyed = Mutex(false)
+    private let prewarmDone = Atomic(false)
     private let logger: Logger
     private let memoryLimit: Int64
     private let stderrTail: OutputTail
@@ -501,6 +502,18 @@ final class NamespaceSandbox: Sandbox {
     func deleteFile(_ path: SessionFilePath) async throws {
         try checkFilesAvailable()
         try files.delete(path)
+    }
+
+    /// A forked session rehearses a `1+1` cell once (its first cell's copy-on-write faults and
+    /// the start of its output and watchdog threads), when its pool has nothing to launch. An
+    /// exec session did all that while starting. A failure here is the next call's to report.
+    func prewarm() async {
+        guard forked, isAlive, !prewarmDone.exchange(true, ordering: .relaxed) else { return }
+        do {
+            _ = try await agent.request(["type": .string("warm")], timeout: .seconds(60))
+        } catch {
+            logger.debug("prewarm failed", metadata: ["error": "\(error)"])
+        }
     }
 
     func describeRuntime() async throws -> RuntimeDescription {

@@ -15,6 +15,8 @@ public actor SessionPool {
     /// Allocations in progress, so that two first calls with one identifier share a session.
     private var allocating: [SessionIdentifier: Task<Session, any Error>] = [:]
     private var launching = 0
+    /// Ready sandboxes already prewarmed (ids), pruned to the ready queue after each pass.
+    private var prewarmed: Set<String> = []
     private var shuttingDown = false
     private var lastLaunchError: SandpiperError?
     private nonisolated let refillSignal: AsyncStream<Void>.Continuation
@@ -217,6 +219,30 @@ public actor SessionPool {
         logger.error("sandbox launch failed", metadata: ["error": "\(wrapped.message)"])
     }
 
+    /// Prewarms the ready sandboxes, oldest first (the next to be taken), one at a time; stops
+    /// as soon as a launch is due (refilling comes first) or the pool shuts down. A sandbox taken
+    /// meanwhile is left alone; one taken while its prewarm runs just answers its first call
+    /// after it.
+    func prewarmReady() async {
+        let started = ContinuousClock.now
+        var count = 0
+        for sandbox in ready where !prewarmed.contains(sandbox.id) {
+            if shuttingDown || deficit > 0 { break }
+            guard ready.contains(where: { $0 === sandbox }), sandbox.isAlive else { continue }
+            prewarmed.insert(sandbox.id)
+            await sandbox.prewarm()
+            count += 1
+        }
+        let live = Set(ready.map(\.id))
+        prewarmed.formIntersection(live)
+        if count > 0 {
+            logger.debug(
+                "ready sandboxes prewarmed",
+                metadata: ["count": "\(count)", "took": "\(ContinuousClock.now - started)", "ready": "\(ready.count)"]
+            )
+        }
+    }
+
     /// The refill loop: wakes on demand and retries failures with backoff. Returns when the
     /// task is cancelled or the pool shuts down.
     public func runRefiller() async {
@@ -226,6 +252,7 @@ public actor SessionPool {
             if Task.isCancelled || shuttingDown { break }
             if await refillOnce() {
                 backoff = .milliseconds(500)
+                await prewarmReady()
             } else {
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(30))

@@ -53,6 +53,9 @@ public final class FakeSandbox: Sandbox {
     private let destroyedFlag = Mutex(false)
     private let files = Mutex<[String: (bytes: [UInt8], modified: Date)]>([:])
     public let executions = Mutex<[ExecutionRequest]>([])
+    /// How many times the pool prewarmed it; `prewarmDelay` is how long each takes.
+    public let prewarms = Mutex(0)
+    public let prewarmDelay = Mutex<Duration>(.zero)
 
     init(id: String, onDestroy: @escaping @Sendable () -> Void) {
         self.id = id
@@ -61,6 +64,12 @@ public final class FakeSandbox: Sandbox {
 
     public var isAlive: Bool { alive.withLock { $0 } }
     public var isDestroyed: Bool { destroyedFlag.withLock { $0 } }
+
+    public func prewarm() async {
+        prewarms.withLock { $0 += 1 }
+        let delay = prewarmDelay.withLock { $0 }
+        if delay > .zero { try? await Task.sleep(for: delay) }
+    }
 
     /// Simulates the guest dying on its own.
     public func kill() { alive.withLock { $0 = false } }

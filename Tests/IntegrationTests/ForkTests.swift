@@ -177,6 +177,39 @@ struct ForkTests {
         }
     }
 
+    /// A forked session is ready before its rehearsal cell; the pool prewarms it later. The
+    /// rehearsal runs a real cell (its output and watchdog threads start) and leaves nothing:
+    /// no variable, no history entry, no `_`.
+    @Test("Prewarming a forked session runs a cell that leaves no trace")
+    func prewarm() async throws {
+        try await withFixture { fixture in
+            let session = try await fixture.launch(Fixture.pool(tier: .forked))
+            let agentPID = try #require(
+                fixture.backend.cgroups.pids(sandboxID: session.id).first {
+                    SystemFile.namespacePIDs(of: $0)?.last == 2
+                }
+            )
+            func threads() -> Int {
+                (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(agentPID)/task").count) ?? 0
+            }
+            #expect(threads() == 1, "a fresh forked agent has run no cell yet")
+            await session.prewarm()
+            #expect(threads() == 3, "the rehearsal started the output pump and the watchdog")
+            // Exactly what a session that was never prewarmed shows.
+            let control = try await fixture.launch(Fixture.pool(tier: .forked))
+            let probe =
+                "import json; json.dumps({'under': repr(_), 'history': len(In), 'out': len(Out), 'names': sorted(k for k in globals() if not k.startswith('_'))})"
+            let seen = try await session.run(probe).result
+            let expected = try await control.run(probe).result
+            #expect(seen == expected)
+            let text = try #require(seen.stringValue, "\(seen)")
+            #expect(text.contains("\"under\": \"''\"") && text.contains("\"history\": 2"), "\(text)")
+            await control.destroy()
+            await session.destroy()
+            try await fixture.expectNoTraces(of: session)
+        }
+    }
+
     /// The template clones every session's init, so the kernel charges each init's own memory to
     /// the template's cgroup: the template's limit must hold that for every slot, or a pool near
     /// its maximum gets its template OOM-killed (and every session with it). Measured on a batch

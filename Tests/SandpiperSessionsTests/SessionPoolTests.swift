@@ -50,6 +50,43 @@ struct SessionPoolTests {
         #expect(backend.counters.launched == 3, "a full pool launches nothing more")
     }
 
+    @Test("Once full, the pool prewarms each ready sandbox once, oldest first, and never a taken one")
+    func prewarmsReady() async throws {
+        let backend = FakeBackend()
+        let pool = makePool(ready: 3, max: 5, backend: backend)
+        #expect(await pool.refillOnce())
+        await pool.prewarmReady()
+        var sandboxes = backend.sandboxes.withLock { $0 }
+        #expect(sandboxes.map { $0.prewarms.withLock { $0 } } == [1, 1, 1])
+        await pool.prewarmReady()
+        #expect(sandboxes.map { $0.prewarms.withLock { $0 } } == [1, 1, 1], "a sandbox is prewarmed once")
+
+        // Taking one and refilling: only the new sandbox is prewarmed.
+        let session = try await pool.session(for: id("alpha"))
+        #expect(session.sandbox.id == sandboxes[0].id, "the oldest ready sandbox is taken first")
+        #expect(await pool.refillOnce())
+        await pool.prewarmReady()
+        sandboxes = backend.sandboxes.withLock { $0 }
+        #expect(sandboxes.map { $0.prewarms.withLock { $0 } } == [1, 1, 1, 1])
+    }
+
+    @Test("A prewarm pass stops as soon as a launch is due, and a sandbox taken meanwhile is skipped")
+    func prewarmYieldsToRefill() async throws {
+        let backend = FakeBackend()
+        let pool = makePool(ready: 3, max: 5, backend: backend)
+        #expect(await pool.refillOnce())
+        let sandboxes = backend.sandboxes.withLock { $0 }
+        for sandbox in sandboxes { sandbox.prewarmDelay.withLock { $0 = .milliseconds(300) } }
+        let pass = Task { await pool.prewarmReady() }
+        // While the oldest is being prewarmed, the next two are taken: the pool is short of
+        // ready sandboxes, so the pass ends without touching the rest.
+        try await Task.sleep(for: .milliseconds(100))
+        _ = try await pool.session(for: id("alpha"))
+        _ = try await pool.session(for: id("beta"))
+        await pass.value
+        #expect(sandboxes.map { $0.prewarms.withLock { $0 } } == [1, 0, 0])
+    }
+
     @Test("A new identifier takes a ready sandbox instead of launching one")
     func allocatesFromReady() async throws {
         let backend = FakeBackend()

@@ -1054,6 +1054,9 @@ class Agent:
                 return self.execute(rid, request)
             if kind == "ping":
                 return {"id": rid, "type": "pong"}
+            if kind == "warm":
+                self.rehearse(timeout=30)
+                return {"id": rid, "type": "warmed"}
             if kind == "packages":
                 return {"id": rid, "type": "packages", "packages": list_packages(),
                         "runtime": {"name": "python", "version": platform.python_version()}}
@@ -1543,13 +1546,6 @@ def close_fds_except(keep):
                 pass
 
 
-def warm_session(agent):
-    """A whole cell before `ready`: the copy-on-write faults of a first cell, and the start of
-    the output and watchdog threads, happen while the session waits in the ready pool, not on
-    a caller's clock."""
-    agent.rehearse(timeout=30)
-
-
 def session_agent(agent, kernel, program, request):
     """Pid 2 of the session: the agent, as the session uid, under seccomp."""
     os.setsid()
@@ -1565,7 +1561,6 @@ def session_agent(agent, kernel, program, request):
         except (KeyError, OSError):
             pass
     reseed()
-    warm_session(agent)
     agent.channel = Channel(relocate_fd(REQUEST_FD), relocate_fd(RESPONSE_FD))
     agent.pid = os.getpid()
     global _diag_fd
