@@ -17,6 +17,9 @@ public actor SessionPool {
     private var launching = 0
     /// Ready sandboxes already prewarmed (ids), pruned to the ready queue after each pass.
     private var prewarmed: Set<String> = []
+    /// The prewarm pass in progress, owned here: the refill loop never waits for it.
+    private var prewarming: Task<Void, Never>?
+    private var prewarmAgain = false
     private var shuttingDown = false
     private var lastLaunchError: SandpiperError?
     private nonisolated let refillSignal: AsyncStream<Void>.Continuation
@@ -227,7 +230,7 @@ public actor SessionPool {
         let started = ContinuousClock.now
         var count = 0
         for sandbox in ready where !prewarmed.contains(sandbox.id) {
-            if shuttingDown || deficit > 0 { break }
+            if shuttingDown || deficit > 0 || Task.isCancelled { break }
             guard ready.contains(where: { $0 === sandbox }), sandbox.isAlive else { continue }
             prewarmed.insert(sandbox.id)
             await sandbox.prewarm()
@@ -243,6 +246,25 @@ public actor SessionPool {
         }
     }
 
+    /// Starts a prewarm pass unless one runs; then another follows it, for what it missed.
+    private func startPrewarming() {
+        guard !shuttingDown else { return }
+        guard prewarming == nil else {
+            prewarmAgain = true
+            return
+        }
+        prewarmAgain = false
+        prewarming = Task {
+            await self.prewarmReady()
+            await self.prewarmingEnded()
+        }
+    }
+
+    private func prewarmingEnded() {
+        prewarming = nil
+        if prewarmAgain { startPrewarming() }
+    }
+
     /// The refill loop: wakes on demand and retries failures with backoff. Returns when the
     /// task is cancelled or the pool shuts down.
     public func runRefiller() async {
@@ -252,7 +274,7 @@ public actor SessionPool {
             if Task.isCancelled || shuttingDown { break }
             if await refillOnce() {
                 backoff = .milliseconds(500)
-                await prewarmReady()
+                startPrewarming()
             } else {
                 try? await Task.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(30))
@@ -303,6 +325,8 @@ public actor SessionPool {
     public func shutdown() async {
         shuttingDown = true
         refillSignal.finish()
+        prewarming?.cancel()
+        await prewarming?.value
         for task in allocating.values { _ = try? await task.value }
         let all = ready + sessions.values.map(\.sandbox)
         ready.removeAll()

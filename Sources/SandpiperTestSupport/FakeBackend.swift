@@ -14,10 +14,12 @@ public final class FakeBackend: SandboxBackend {
     private let state = Mutex(Counters())
     private let failLaunches = Mutex(false)
     private let launchDelay: Duration
+    private let prewarmDelay: Duration
     public let sandboxes = Mutex<[FakeSandbox]>([])
 
-    public init(launchDelay: Duration = .zero) {
+    public init(launchDelay: Duration = .zero, prewarmDelay: Duration = .zero) {
         self.launchDelay = launchDelay
+        self.prewarmDelay = prewarmDelay
     }
 
     public var counters: Counters { state.withLock { $0 } }
@@ -34,6 +36,7 @@ public final class FakeBackend: SandboxBackend {
         let sandbox = FakeSandbox(id: spec.id) { [weak self] in
             self?.state.withLock { $0.destroyed += 1 }
         }
+        sandbox.prewarmDelay.withLock { $0 = prewarmDelay }
         state.withLock { $0.launched += 1 }
         sandboxes.withLock { $0.append(sandbox) }
         return sandbox

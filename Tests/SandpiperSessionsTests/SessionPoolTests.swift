@@ -293,4 +293,32 @@ struct SessionPoolTests {
         #expect(await pool.readyCount == 2)
         #expect(backend.counters.launched == 4)
     }
+
+    @Test("The refill loop prewarms in the background: a slow prewarm never delays a refill")
+    func prewarmInBackground() async throws {
+        let backend = FakeBackend(prewarmDelay: .seconds(5))
+        let pool = makePool(ready: 2, max: 10, backend: backend)
+        let loop = Task { await pool.runRefiller() }
+        defer {
+            loop.cancel()
+            pool.stopRefilling()
+        }
+        for _ in 0..<100 where await pool.readyCount < 2 {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        // The first ready sandbox is being prewarmed (for 5 s) when both are taken.
+        for _ in 0..<100 where backend.sandboxes.withLock({ $0.first?.prewarms.withLock { $0 } ?? 0 }) == 0 {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let clock = ContinuousClock()
+        let started = clock.now
+        _ = try await pool.session(for: id("take-1"))
+        _ = try await pool.session(for: id("take-2"))
+        for _ in 0..<200 where await pool.readyCount < 2 {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(await pool.readyCount == 2)
+        #expect(clock.now - started < .seconds(2), "the refill waited for a prewarm")
+        await pool.shutdown()
+    }
 }
