@@ -90,7 +90,7 @@ LISTDIR_CELL = "import os\nfor _ in range(%d): os.listdir('/usr/bin')"
 IMPORT_MODULES = ["sqlite3", "json", "csv", "email", "xml.dom.minidom", "http.client"]
 IMPORTS_CELL = "import importlib, sys; [importlib.import_module(m) for m in %r]" % IMPORT_MODULES
 # key=value metadata of the server's log lines (swift-log StreamLogHandler: `... : k=v k=v [source] message`)
-LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier|forked)=([^\s\]]+)")
+LOG_META = re.compile(rb"(?<![\w-])(pid|sandbox|uid|pool|identifier|forked|count)=([^\s\]]+)")
 # The cell of the "time to first result" row: a DataFrame and a plot (answers a PNG image).
 PLOT_CELL = ("import pandas as pd, matplotlib.pyplot as plt\n"
              "df = pd.DataFrame({'x': range(100), 'y': [i*i for i in range(100)]})\n"
@@ -262,6 +262,26 @@ def memory_by_uid(uids):
         m["rss"] += fields.get("Rss", 0)
         m["procs"] += 1
     return out
+
+
+def wait_cpu_idle(threshold=0.15, window=0.3, timeout=30.0):
+    """Waits until the machine's CPUs are busy less than `threshold` over `window` seconds
+    (background work of the server, e.g. a forked pool prewarming its ready sessions, is done),
+    at most `timeout`. Returns the busy fraction last seen."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)
+    deadline = time.monotonic() + timeout
+    busy = 1.0
+    while time.monotonic() < deadline:
+        a = sample()
+        time.sleep(window)
+        b = sample()
+        busy = (b[0] - a[0]) / max(1, b[1] - a[1])
+        if busy < threshold:
+            break
+    return busy
 
 
 def loadavg():
@@ -902,6 +922,7 @@ def mode_warm(server, n):
     client.execute(ident, "x = 1")
     server.wait_pool_full(timeout=600)
     time.sleep(0.5)
+    wait_cpu_idle()  # a forked pool prewarms its ready sessions once full: not during the samples
     for _ in range(20):
         client.execute(ident, "1+1")
     samples, agent = [], []
