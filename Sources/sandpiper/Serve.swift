@@ -100,17 +100,7 @@ struct Serve: AsyncParsableCommand {
         let poolNames = settings.pools.map(\.name)
         let limits = settings.http
         let connections = ClientConnectionRegistry(logger: logger)
-        let http1 = HTTPServerBuilder.http1(
-            configuration: .init(
-                additionalChannelHandlers: limits.channelHandlers(registry: connections),
-                idleTimeout: .seconds(75),
-                httpDecoderConfiguration: .init(
-                    maxHeaderFieldSize: limits.maxHeaderBytes,
-                    maxHeaderListSize: limits.maxHeaderBytes,
-                    maxHeaderFieldCount: limits.maxHeaderCount
-                )
-            )
-        )
+        let http1 = limits.http1Server(registry: connections)
         let server =
             try settings.tlsCertificate.map { _ in
                 try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings))

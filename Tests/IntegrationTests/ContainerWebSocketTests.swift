@@ -1,0 +1,319 @@
+import AsyncHTTPClient
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+import SandpiperAPI
+import SandpiperCore
+import SandpiperSessions
+import Testing
+
+@testable import SandpiperSandbox
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// WebSocket pass-through, end to end: the production server on loopback (its guards and the
+/// upgrade handler), NIO's WebSocket client (its upgrader checks `Sec-WebSocket-Accept`; its
+/// frame codec masks what it sends), and `Fixtures/web.c`'s `/ws` echo in the containers.
+extension ContainerProxyTests {
+    /// One client WebSocket: frames in and out, with a deadline that closes it so a test that
+    /// waits for a frame that never comes fails instead of hanging.
+    struct Socket {
+        var frames: NIOAsyncChannelInboundStream<WebSocketFrame>.AsyncIterator
+        let outbound: NIOAsyncChannelOutboundWriter<WebSocketFrame>
+
+        func send(_ opcode: WebSocketOpcode, _ data: ByteBuffer, fin: Bool = true) async throws {
+            try await outbound.write(WebSocketFrame(fin: fin, opcode: opcode, maskKey: .random(), data: data))
+        }
+
+        func send(_ text: String) async throws { try await send(.text, ByteBuffer(string: text)) }
+
+        mutating func receive() async throws -> WebSocketFrame? { try await frames.next() }
+
+        /// The next frame, which must be a final text frame.
+        mutating func text() async throws -> String {
+            let frame = try #require(try await receive(), "the connection closed instead")
+            #expect(frame.opcode == .text && frame.fin, "\(frame)")
+            return String(buffer: frame.unmaskedData)
+        }
+    }
+
+    enum Upgrade: Sendable {
+        case upgraded(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, HTTPResponseHead)
+        case refused
+    }
+
+    /// Opens a WebSocket to `path` of the pool (with `identifier`) through the server and runs
+    /// `body` with the server's 101 and the socket; the connection is closed afterwards.
+    static func withWebSocket(
+        _ server: Server,
+        _ path: String,
+        identifier: String,
+        headers extra: [(String, String)] = [],
+        _ body: (HTTPResponseHead, inout Socket) async throws -> Void
+    ) async throws {
+        let separator = path.contains("?") ? "&" : "?"
+        var headers = HTTPHeaders()
+        headers.add(name: "Host", value: server.authority)
+        headers.add(name: "Authorization", value: "Bearer \(apiKey)")
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: .GET,
+            uri: "/pools/web" + path + separator + "identifier=" + identifier,
+            headers: headers
+        )
+        let upgrade = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: server.port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24) {
+                        channel,
+                        response in
+                        channel.eventLoop.makeCompletedFuture {
+                            .upgraded(
+                                try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(
+                                    wrappingChannelSynchronously: channel
+                                ),
+                                response
+                            )
+                        }
+                    }
+                    let configuration = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
+                        upgradeRequestHead: head,
+                        upgraders: [upgrader],
+                        notUpgradingCompletionHandler: { channel in channel.eventLoop.makeCompletedFuture { .refused } }
+                    )
+                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(
+                        configuration: .init(upgradeConfiguration: configuration)
+                    )
+                }
+            }
+            .get()
+        guard case .upgraded(let channel, let response) = upgrade else {
+            Issue.record("the server did not upgrade \(path)")
+            return
+        }
+        let deadline = channel.channel.eventLoop.scheduleTask(in: .seconds(60)) { channel.channel.close(promise: nil) }
+        defer { deadline.cancel() }
+        try await channel.executeThenClose { inbound, outbound in
+            var socket = Socket(frames: inbound.makeAsyncIterator(), outbound: outbound)
+            try await body(response, &socket)
+        }
+    }
+
+    /// Sends `request` on a new loopback connection to the server and returns all it answers
+    /// until it closes the connection (or 30 s pass).
+    static func rawExchange(port: Int, _ request: String) throws -> String {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw SandpiperError.internalError("socket") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard connected == 0 else { throw SandpiperError.internalError("connect") }
+        var timeout = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let bytes = Array(request.utf8)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        var answer: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count <= 0 { break }
+            answer += buffer[0..<count]
+        }
+        return String(decoding: answer, as: UTF8.self)
+    }
+
+    static func upgradeRequest(_ server: Server, _ path: String, identifier: String) -> String {
+        "GET /pools/web\(path)?identifier=\(identifier) HTTP/1.1\r\nHost: \(server.authority)\r\n"
+            + "Authorization: Bearer \(apiKey)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    }
+
+    static func openDescriptors() -> Int {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+    }
+
+    /// Waits (up to 10 s) until `condition` holds; returns whether it did.
+    static func eventually(_ condition: () async -> Bool) async throws -> Bool {
+        for _ in 0..<100 {
+            if await condition() { return true }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return await condition()
+    }
+
+    @Test("WebSocket: frames of every kind relayed both ways, per identifier, until either side closes")
+    func webSocketRelay() async throws {
+        try await Self.withServer(Self.pool()) { server in
+            #expect(try await server.text(.POST, "/state", identifier: "ws-a", body: "A") == Reply(200, "state=A\n"))
+            #expect(try await server.text(.POST, "/state", identifier: "ws-b", body: "B") == Reply(200, "state=B\n"))
+            let sessionA = try #require(await server.pool.existingSession(for: SessionIdentifier(validating: "ws-a")))
+            let connectionsBefore = server.connections.connections(of: "127.0.0.1")
+            let descriptorsBefore = Self.openDescriptors()
+
+            try await Self.withWebSocket(
+                server,
+                "/ws?hello",
+                identifier: "ws-a",
+                headers: [("Sec-WebSocket-Protocol", "chat, superchat"), ("X-Custom", "kept")]
+            ) { head, a in
+                // The container's handshake: its subprotocol choice; its first frame, sent in the
+                // same write as its 101, arrives too.
+                #expect(head.status == .switchingProtocols)
+                #expect(head.headers["Sec-WebSocket-Protocol"] == ["chat"])
+                #expect(try await a.text() == "hello")
+                #expect(sessionA.isBusy, "an open WebSocket keeps its session busy")
+
+                // The upgrade request as the container saw it.
+                try await a.send("headers")
+                let request = try await a.text()
+                let lines = Set(request.split(separator: "\r\n").map(String.init))
+                #expect(request.hasPrefix("GET /ws?hello HTTP/1.1\r\n"), "\(request)")
+                #expect(lines.contains("Upgrade: websocket"), "\(request)")
+                #expect(lines.contains("Connection: Upgrade"), "\(request)")
+                #expect(lines.contains("Sec-WebSocket-Version: 13"), "\(request)")
+                #expect(lines.contains("Sec-WebSocket-Protocol: chat, superchat"), "\(request)")
+                #expect(lines.contains("X-Custom: kept"), "\(request)")
+                #expect(lines.contains("X-Forwarded-For: 127.0.0.1"), "\(request)")
+                #expect(lines.contains("X-Forwarded-Proto: http"), "\(request)")
+                #expect(lines.contains("X-Forwarded-Host: \(server.authority)"), "\(request)")
+                #expect(!request.lowercased().contains("authorization"), "\(request)")
+                #expect(!request.contains(Self.apiKey), "\(request)")
+
+                // Two identifiers, two containers, each with its own state.
+                try await a.send("state")
+                #expect(try await a.text() == "A")
+                try await Self.withWebSocket(server, "/ws", identifier: "ws-b") { _, b in
+                    try await b.send("state")
+                    #expect(try await b.text() == "B")
+                    // The container closes: its close frame and code reach the client, then the end.
+                    try await b.send("close:4001")
+                    let close = try #require(try await b.receive())
+                    #expect(close.opcode == .connectionClose)
+                    var payload = close.unmaskedData
+                    #expect(payload.readInteger(as: UInt16.self) == 4001)
+                    #expect(String(buffer: payload) == "server")
+                    #expect(try await b.receive() == nil, "the relay outlived the container's close")
+                }
+
+                // Text, binary over 64 KiB (a 64-bit length), a fragmented message, a ping.
+                try await a.send("text message")
+                #expect(try await a.text() == "text message")
+                let binary = ByteBuffer(bytes: Self.pattern[0..<(200 << 10)])
+                try await a.send(.binary, binary)
+                let echoed = try #require(try await a.receive())
+                #expect(echoed.opcode == .binary && echoed.fin)
+                #expect(echoed.unmaskedData == binary, "\(echoed.unmaskedData.readableBytes) bytes came back")
+                try await a.send(.text, ByteBuffer(string: "frag-"), fin: false)
+                try await a.send(.continuation, ByteBuffer(string: "ment"), fin: false)
+                try await a.send(.continuation, ByteBuffer(string: "ed"), fin: true)
+                for (opcode, fin, text) in [
+                    (WebSocketOpcode.text, false, "frag-"), (.continuation, false, "ment"), (.continuation, true, "ed"),
+                ] {
+                    let frame = try #require(try await a.receive())
+                    #expect(frame.opcode == opcode && frame.fin == fin && String(buffer: frame.unmaskedData) == text)
+                }
+                try await a.send(.ping, ByteBuffer(string: "are you there"))
+                let pong = try #require(try await a.receive())
+                #expect(pong.opcode == .pong && String(buffer: pong.unmaskedData) == "are you there")
+
+                // The client closes with a code: the container answers it, then the relay ends.
+                var code = ByteBuffer()
+                code.writeInteger(UInt16(4000))
+                code.writeString("bye")
+                try await a.send(.connectionClose, code)
+                let close = try #require(try await a.receive())
+                #expect(close.opcode == .connectionClose && close.unmaskedData == code)
+                #expect(try await a.receive() == nil, "the relay outlived the close handshake")
+            }
+
+            // Nothing is left: the session is idle again, the client's connections are gone, and
+            // so are the descriptors of both sides of both relays.
+            #expect(try await Self.eventually { !sessionA.isBusy }, "the session stayed busy")
+            #expect(
+                try await Self.eventually { server.connections.connections(of: "127.0.0.1") <= connectionsBefore },
+                "connections: \(server.connections.connections(of: "127.0.0.1")), before: \(connectionsBefore)"
+            )
+            #expect(
+                try await Self.eventually { Self.openDescriptors() <= descriptorsBefore },
+                "descriptors: \(Self.openDescriptors()), before: \(descriptorsBefore)"
+            )
+            // The connection that carried HTTP before still does.
+            #expect(try await server.text(.GET, "/state", identifier: "ws-a") == Reply(200, "state=A\n"))
+        }
+    }
+
+    @Test("WebSocket: a container that is down gives a 502 JSON before the upgrade; a refusal passes through")
+    func webSocketErrors() async throws {
+        try await Self.withServer(Self.pool()) { server in
+            // The container answers the upgrade with a plain 200 (its /echo is no WebSocket): the
+            // client gets that answer, and the connection closes after it.
+            let refused = try Self.rawExchange(
+                port: server.port,
+                Self.upgradeRequest(server, "/echo", identifier: "wse-1")
+            )
+            #expect(refused.hasPrefix("HTTP/1.1 200"), "\(refused)")
+            #expect(refused.lowercased().contains("connection: close"), "\(refused)")
+            #expect(refused.contains("target=/echo\n"), "\(refused)")
+
+            #expect(try await server.text(.GET, "/stop-listening", identifier: "wse-1").status == 200)
+            let down = try Self.rawExchange(port: server.port, Self.upgradeRequest(server, "/ws", identifier: "wse-1"))
+            #expect(down.hasPrefix("HTTP/1.1 502"), "\(down)")
+            let body = String(down.split(separator: "\r\n\r\n", maxSplits: 1).last ?? "")
+            #expect(Self.errorCode(body) == "ContainerUnreachable", "\(down)")
+            #expect(!down.contains("101"), "\(down)")
+            let session = try #require(await server.pool.existingSession(for: SessionIdentifier(validating: "wse-1")))
+            #expect(!session.isBusy)
+        }
+    }
+
+    @Test(
+        "WebSocket: an open socket keeps its session past the cooldown; stopping the session closes it",
+        arguments: containerTiers
+    )
+    func webSocketSessionLifetime(isolation: IsolationTier) async throws {
+        var configuration = Self.pool()
+        configuration.cooldownPeriodInSeconds = 1
+        // gVisor: a destroyed container's netstack sends no FIN; only Sandpiper can close the relay.
+        configuration.isolation = isolation
+        try await Self.withServer(configuration) { server in
+            let identifier = try SessionIdentifier(validating: "wsl-1")
+            try await Self.withWebSocket(server, "/ws", identifier: "wsl-1") { _, socket in
+                let session = try #require(await server.pool.existingSession(for: identifier))
+                try await Task.sleep(for: .seconds(2))
+                #expect(await server.pool.reapExpired().isEmpty, "a session with an open WebSocket was reaped")
+                #expect(await server.pool.existingSession(for: identifier) === session)
+                try await socket.send("still here")
+                #expect(try await socket.text() == "still here")
+
+                let stop = try await server.request(.POST, "/.management/stopSession", identifier: "wsl-1")
+                #expect(stop.status.code < 300, "\(stop.status)")
+                let started = ContinuousClock.now
+                #expect(try await socket.receive() == nil, "the WebSocket outlived its session")
+                #expect(ContinuousClock.now - started < .seconds(10))
+                #expect(try await Self.eventually { !session.isBusy })
+            }
+            // Closed and idle: the next reap after the cooldown removes a session again.
+            _ = try await Self.withWebSocket(server, "/ws", identifier: "wsl-2") { _, socket in
+                try await socket.send("x")
+                #expect(try await socket.text() == "x")
+            }
+            let idle = try SessionIdentifier(validating: "wsl-2")
+            #expect(await server.pool.existingSession(for: idle) != nil)
+            try await Task.sleep(for: .seconds(2))
+            await server.pool.reapExpired()
+            #expect(await server.pool.existingSession(for: idle) == nil, "an idle session outlived its cooldown")
+        }
+    }
+}
