@@ -24,6 +24,9 @@ extension ContainerProxyTests {
     struct Socket {
         var frames: NIOAsyncChannelInboundStream<WebSocketFrame>.AsyncIterator
         let outbound: NIOAsyncChannelOutboundWriter<WebSocketFrame>
+        /// With `withWebSocket(delayFirstRead:)`: whether the client's first read held more than
+        /// the 101's head (the bytes that followed it in the same read).
+        let firstReadHeldMore: Bool?
 
         func send(_ opcode: WebSocketOpcode, _ data: ByteBuffer, fin: Bool = true) async throws {
             try await outbound.write(WebSocketFrame(fin: fin, opcode: opcode, maskKey: .random(), data: data))
@@ -42,8 +45,38 @@ extension ContainerProxyTests {
     }
 
     enum Upgrade: Sendable {
-        case upgraded(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, HTTPResponseHead)
+        case upgraded(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, HTTPResponseHead, firstReadHeldMore: Bool?)
         case refused
+    }
+
+    /// In front of a client connection: holds back its first read for `delay`, so that what the
+    /// server sends by then (the 101 and whatever follows it) arrives in that one read, and notes
+    /// whether that read held more than the response head.
+    final class FirstReadDelay: ChannelDuplexHandler, RemovableChannelHandler {
+        typealias InboundIn = ByteBuffer
+        typealias InboundOut = ByteBuffer
+        typealias OutboundIn = NIOAny
+
+        private let delay: TimeAmount
+        private var delayed = false
+        private(set) var firstReadHeldMore: Bool?
+
+        init(delay: TimeAmount) { self.delay = delay }
+
+        func read(context: ChannelHandlerContext) {
+            guard !delayed else { return context.read() }
+            delayed = true
+            context.eventLoop.assumeIsolated().scheduleTask(in: delay) { context.read() }
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            if firstReadHeldMore == nil {
+                let bytes = unwrapInboundIn(data).readableBytesView
+                let end = bytes.firstRange(of: Array("\r\n\r\n".utf8))?.upperBound
+                firstReadHeldMore = end.map { $0 < bytes.endIndex } ?? false
+            }
+            context.fireChannelRead(data)
+        }
     }
 
     /// Opens a WebSocket to `path` of the pool (with `identifier`) through the server and runs
@@ -53,6 +86,8 @@ extension ContainerProxyTests {
         _ path: String,
         identifier: String,
         headers extra: [(String, String)] = [],
+        delayFirstRead: TimeAmount? = nil,
+        deadline: TimeAmount = .seconds(60),
         _ body: (HTTPResponseHead, inout Socket) async throws -> Void
     ) async throws {
         let separator = path.contains("?") ? "&" : "?"
@@ -69,6 +104,9 @@ extension ContainerProxyTests {
         let upgrade = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: server.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let delayFirstRead {
+                        try channel.pipeline.syncOperations.addHandler(FirstReadDelay(delay: delayFirstRead))
+                    }
                     let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24) {
                         channel,
                         response in
@@ -77,7 +115,9 @@ extension ContainerProxyTests {
                                 try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(
                                     wrappingChannelSynchronously: channel
                                 ),
-                                response
+                                response,
+                                firstReadHeldMore: try? channel.pipeline.syncOperations
+                                    .handler(type: FirstReadDelay.self).firstReadHeldMore
                             )
                         }
                     }
@@ -86,20 +126,30 @@ extension ContainerProxyTests {
                         upgraders: [upgrader],
                         notUpgradingCompletionHandler: { channel in channel.eventLoop.makeCompletedFuture { .refused } }
                     )
+                    // The bytes that follow the 101 in the same read (a frame the server sends right
+                    // away) stay in the HTTP decoder when the upgrade removes it; NIO's default
+                    // (`.dropBytes`) discards them, so such a frame would be lost whenever the
+                    // 101 and the frame happen to be read together.
+                    var pipeline = NIOUpgradableHTTPClientPipelineConfiguration(upgradeConfiguration: configuration)
+                    pipeline.leftOverBytesStrategy = .forwardBytes
                     return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(
-                        configuration: .init(upgradeConfiguration: configuration)
+                        configuration: pipeline
                     )
                 }
             }
             .get()
-        guard case .upgraded(let channel, let response) = upgrade else {
+        guard case .upgraded(let channel, let response, let firstReadHeldMore) = upgrade else {
             Issue.record("the server did not upgrade \(path)")
             return
         }
-        let deadline = channel.channel.eventLoop.scheduleTask(in: .seconds(60)) { channel.channel.close(promise: nil) }
+        let deadline = channel.channel.eventLoop.scheduleTask(in: deadline) { channel.channel.close(promise: nil) }
         defer { deadline.cancel() }
         try await channel.executeThenClose { inbound, outbound in
-            var socket = Socket(frames: inbound.makeAsyncIterator(), outbound: outbound)
+            var socket = Socket(
+                frames: inbound.makeAsyncIterator(),
+                outbound: outbound,
+                firstReadHeldMore: firstReadHeldMore
+            )
             try await body(response, &socket)
         }
     }
@@ -107,6 +157,16 @@ extension ContainerProxyTests {
     /// Sends `request` on a new loopback connection to the server and returns all it answers
     /// until it closes the connection (or 30 s pass).
     static func rawExchange(port: Int, _ request: String) throws -> String {
+        String(decoding: try rawBytes(port: port, request), as: UTF8.self)
+    }
+
+    /// Sends `request` on a new loopback connection to the server and returns what it answers
+    /// until `enough` holds for it, the server closes the connection, or 30 s pass.
+    static func rawBytes(
+        port: Int,
+        _ request: String,
+        until enough: ([UInt8]) -> Bool = { _ in false }
+    ) throws -> [UInt8] {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw SandpiperError.internalError("socket") }
         defer { close(fd) }
@@ -126,16 +186,28 @@ extension ContainerProxyTests {
         _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         var answer: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 4096)
-        while true {
+        while !enough(answer) {
             let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count <= 0 { break }
             answer += buffer[0..<count]
         }
-        return String(decoding: answer, as: UTF8.self)
+        return answer
+    }
+
+    /// `answer` split after its head (nil when the head is incomplete).
+    static func splitHead(_ answer: [UInt8]) -> (head: String, rest: [UInt8])? {
+        guard let end = answer.firstRange(of: Array("\r\n\r\n".utf8))?.upperBound else { return nil }
+        return (String(decoding: answer[..<end], as: UTF8.self), Array(answer[end...]))
+    }
+
+    /// An unmasked (server to client) frame with a payload under 126 bytes.
+    static func serverFrame(_ opcode: UInt8, _ payload: [UInt8]) -> [UInt8] {
+        [0x80 | opcode, UInt8(payload.count)] + payload
     }
 
     static func upgradeRequest(_ server: Server, _ path: String, identifier: String) -> String {
-        "GET /pools/web\(path)?identifier=\(identifier) HTTP/1.1\r\nHost: \(server.authority)\r\n"
+        let separator = path.contains("?") ? "&" : "?"
+        return "GET /pools/web\(path)\(separator)identifier=\(identifier) HTTP/1.1\r\nHost: \(server.authority)\r\n"
             + "Authorization: Bearer \(apiKey)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     }
@@ -314,6 +386,40 @@ extension ContainerProxyTests {
             try await Task.sleep(for: .seconds(2))
             await server.pool.reapExpired()
             #expect(await server.pool.existingSession(for: idle) == nil, "an idle session outlived its cooldown")
+        }
+    }
+
+    @Test("WebSocket: a frame the container sends with its 101 arrives, also when the client reads both at once")
+    func webSocketGreeting() async throws {
+        try await Self.withServer(Self.pool()) { server in
+            // What the server sends: the 101, then exactly the container's frame.
+            let hello = Self.serverFrame(0x1, Array("hello".utf8))
+            let answer = try Self.rawBytes(
+                port: server.port,
+                Self.upgradeRequest(server, "/ws?hello", identifier: "wsh-1")
+            ) { (Self.splitHead($0)?.rest.count ?? 0) >= hello.count }
+            let (head, rest) = try #require(Self.splitHead(answer), "\(answer)")
+            #expect(head.hasPrefix("HTTP/1.1 101"), "\(head)")
+            #expect(rest == hello)
+
+            // NIO's client with its first read held back until the 101 and the frame are both
+            // there: the frame must survive the client's upgrade (a few tries, as a loaded machine
+            // may still deliver them apart).
+            var together = false
+            for _ in 0..<3 where !together {
+                try await Self.withWebSocket(
+                    server,
+                    "/ws?hello",
+                    identifier: "wsh-1",
+                    delayFirstRead: .milliseconds(500),
+                    deadline: .seconds(10)
+                ) { (head: HTTPResponseHead, socket: inout Socket) async throws in
+                    #expect(head.status == .switchingProtocols)
+                    together = socket.firstReadHeldMore == true
+                    #expect(try await socket.text() == "hello")
+                }
+            }
+            #expect(together, "the client never read the 101 and the frame together")
         }
     }
 }
