@@ -68,6 +68,9 @@ extension ContainerProxy {
         let container: any Channel
         do {
             container = try await ClientBootstrap(group: client.eventLoop)
+                // The container's end of input is an event (`inputClosed`), not a close, so that
+                // bytes it sent with its 101 survive its closing before the splice is in place.
+                .channelOption(.allowRemoteHalfClosure, value: true)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try handshake.install(on: channel.pipeline.syncOperations)
@@ -131,14 +134,16 @@ struct UpgradeAnswer: Sendable {
 }
 
 /// Sends the upgrade request to the container and reads its answer: a 101 (then reading stops
-/// until the splice, and whatever the container sent after its 101 stays in the HTTP decoder to
-/// be forwarded), or a refusal with its body. Fails with 502 when the container closes first and
-/// 504 when it does not answer in time.
+/// until the splice, whatever the container sent after its 101 stays in the HTTP decoder to be
+/// forwarded, and the container's end of input, if it comes, waits in `InputClosedHolder`), or a
+/// refusal with its body. Fails with 502 when the container closes first and 504 when it does not
+/// answer in time.
 final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     // @unchecked: every member is touched on the container channel's event loop only.
     typealias InboundIn = HTTPClientResponsePart
 
     private let timeout: Duration
+    private let inputClosed = InputClosedHolder()
     private let encoder = HTTPRequestEncoder()
     private let decoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes))
     private var promise: EventLoopPromise<UpgradeAnswer>?
@@ -148,7 +153,7 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
     init(timeout: Duration) { self.timeout = timeout }
 
     func install(on pipeline: ChannelPipeline.SynchronousOperations) throws {
-        try pipeline.addHandlers([encoder, decoder, self])
+        try pipeline.addHandlers([inputClosed, encoder, decoder, self])
     }
 
     func answer(sending head: HTTPRequestHead, over channel: any Channel) async throws -> UpgradeAnswer {
@@ -177,8 +182,10 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head) where head.status == .switchingProtocols:
-            // Nothing more is read until the splice: the decoder keeps what came after the 101.
+            // Nothing more is read until the splice: the decoder keeps what came after the 101,
+            // and the end of input (read anyway when the container closes) waits in front of it.
             try? context.channel.syncOptions?.setOption(.autoRead, value: false)
+            inputClosed.hold()
             finish(.success(UpgradeAnswer(head: head, body: nil)))
         case .head(let head):
             refusal = (head, context.channel.allocator.buffer(capacity: 0))
@@ -204,24 +211,38 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
         context.fireChannelInactive()
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Only before a 101 (the decoder has seen it, so a body that ends with the connection has ended).
+        if event as? ChannelEvent == .inputClosed {
+            finish(.failure(Self.failed("the container closed the connection without answering the upgrade")))
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         finish(.failure(Self.failed("the container's answer to the upgrade failed: \(ContainerProxy.describe(error))")))
         context.close(promise: nil)
     }
 
     /// After the 101: the HTTP handlers leave and `splice` gets the raw bytes, first those the
-    /// decoder held back.
+    /// decoder held back, then the end of input if the container has closed meanwhile.
     func handOver(_ channel: any Channel, to splice: SpliceHandler) throws {
         let pipeline = channel.pipeline.syncOperations
         try pipeline.addHandler(splice)
         pipeline.removeHandler(self, promise: nil)
         pipeline.removeHandler(encoder, promise: nil)
         // The decoder forwards what it holds as it leaves (no read-complete follows: flush it).
+        // It does so only while it has not seen the end of input (NIO's `HTTPDecoder.decodeLast`
+        // drops leftover bytes at EOF), which is why `inputClosed` keeps that from it until now.
         let removed = channel.eventLoop.makePromise(of: Void.self)
         pipeline.removeHandler(decoder, promise: removed)
+        let inputClosed = self.inputClosed
         removed.futureResult.assumeIsolated().whenComplete { _ in
             splice.flushPartner()
-            try? channel.syncOptions?.setOption(.autoRead, value: true)
+            if !inputClosed.release() {
+                try? channel.syncOptions?.setOption(.autoRead, value: true)
+            }
         }
     }
 
@@ -235,6 +256,41 @@ final class ContainerHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
 
     private static func failed(_ message: String) -> SandpiperError {
         SandpiperError(.sandboxFailure, code: "ContainerResponseFailed", message)
+    }
+}
+
+/// In front of the container connection's HTTP decoder: after the 101 (`hold`) it keeps the
+/// container's end of input from the decoder, which would drop the bytes it holds if it saw it,
+/// and passes it on to the splice once the decoder is gone (`release`). A container that sends
+/// frames with its 101 and closes at once thus has them delivered, then the close.
+final class InputClosedHolder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+
+    private var context: ChannelHandlerContext?
+    private var holding = false
+    private var held = false
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func hold() { holding = true }
+
+    /// Stops holding and passes on the end of input if it came; returns whether it did.
+    func release() -> Bool {
+        holding = false
+        guard held, let context else { return false }
+        held = false
+        context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        return true
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if holding, event as? ChannelEvent == .inputClosed {
+            held = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 
@@ -382,7 +438,7 @@ final class SpliceHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func partnerClosed() {
         guard let context else { return }
         context.writeAndFlush(NIOAny(context.channel.allocator.buffer(capacity: 0)))
-            .whenComplete { _ in context.close(promise: nil) }
+            .assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     private var partnerWritable: Bool { context?.channel.isWritable ?? false }

@@ -422,4 +422,31 @@ extension ContainerProxyTests {
             #expect(together, "the client never read the 101 and the frame together")
         }
     }
+
+    @Test("WebSocket: a container that closes right after its 101 still delivers the frames it sent with it")
+    func webSocketContainerClosesAtOnce() async throws {
+        try await Self.withServer(Self.pool()) { server in
+            let connectionsBefore = server.connections.connections(of: "127.0.0.1")
+            // `?bye`: the 101, a text frame and a close frame in one write, then the container closes.
+            let frames =
+                Self.serverFrame(0x1, Array("hello".utf8)) + Self.serverFrame(0x8, [0x03, 0xE8] + Array("bye".utf8))
+            let answer = try Self.rawBytes(
+                port: server.port,
+                Self.upgradeRequest(server, "/ws?hello&bye", identifier: "wsc-1")
+            )
+            let (head, rest) = try #require(Self.splitHead(answer), "\(answer)")
+            #expect(head.hasPrefix("HTTP/1.1 101"), "\(head)")
+            #expect(rest == frames, "after the 101 and before the end: \(rest)")
+
+            // (Checked on the raw bytes: NIO's client upgrade itself loses what follows the 101 when
+            // the connection ends before its upgrade completes, as its HTTP decoder drops leftover
+            // bytes at the end of input, the very behaviour the proxy has to work around.)
+            let session = try #require(await server.pool.existingSession(for: SessionIdentifier(validating: "wsc-1")))
+            #expect(try await Self.eventually { !session.isBusy }, "the session stayed busy")
+            #expect(
+                try await Self.eventually { server.connections.connections(of: "127.0.0.1") <= connectionsBefore },
+                "connections: \(server.connections.connections(of: "127.0.0.1")), before: \(connectionsBefore)"
+            )
+        }
+    }
 }

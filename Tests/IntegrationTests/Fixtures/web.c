@@ -12,6 +12,7 @@
 //                    code and reason; the text "headers" answers the upgrade request's header
 //                    lines, "state" what /state holds, "close:CODE" closes from this side with
 //                    CODE. `?hello` sends a text frame "hello" in the same write as the 101;
+//                    `?bye` a close frame (1000 "bye") in that write, then closes at once;
 //                    the first Sec-WebSocket-Protocol offered is accepted.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -172,7 +173,9 @@ static void serve_websocket(int fd, const char *head, const char *target, const 
     }
     length += snprintf(answer + length, sizeof answer - (size_t)length, "\r\n");
     if (strstr(target, "hello")) length += snprintf(answer + length, sizeof answer - (size_t)length, "\x81\x05hello");
-    if (write_all(fd, answer, (size_t)length) != 0) return;
+    int bye = strstr(target, "bye") != NULL;
+    if (bye) length += snprintf(answer + length, sizeof answer - (size_t)length, "\x88\x05\x03\xe8" "bye");
+    if (write_all(fd, answer, (size_t)length) != 0 || bye) return;
     pending = early, pending_length = early_length;
     while (1) {
         uint8_t frame_head[2], mask[4] = {0};
