@@ -5,7 +5,7 @@
 //   /download?bytes=N  N bytes (i % 251), streamed
 //   /slow?seconds=N  answers after N seconds
 //   /drop            closes the connection without answering
-//   /stop-listening  the server closes its listening socket (later connections are refused)
+//   /stop-listening  the server closes its listening socket; answered once connections are refused
 //   /health          200, or 500 once /sick was called
 //   /ws              WebSocket (RFC 6455) echo: every data frame comes back as it was sent (opcode,
 //                    FIN bit, payload), pings get their pong, a close is answered with the same
@@ -329,6 +329,17 @@ static void serve(int fd) {
         return;
     } else if (strncmp(target, "/stop-listening", 15) == 0) {
         kill(getppid(), SIGUSR1);
+        // Answer once the port refuses connections: the parent closes it when it next runs, and a
+        // connection made before that would sit in its backlog and then be reset, not refused.
+        for (int i = 0; i < 1000; i++) {
+            int probe = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in self = {.sin_family = AF_INET, .sin_port = htons(8080)};
+            self.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            int refused = connect(probe, (struct sockaddr *)&self, sizeof self) != 0;
+            close(probe);
+            if (refused) break;
+            usleep(10000);
+        }
         respond(fd, 200, "stopped\n");
     } else if (strncmp(target, "/sick", 5) == 0) {
         close(open("/tmp/unhealthy", O_WRONLY | O_CREAT, 0644));
