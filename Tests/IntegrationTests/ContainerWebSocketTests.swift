@@ -46,35 +46,44 @@ extension ContainerProxyTests {
 
     enum Upgrade: Sendable {
         case upgraded(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, HTTPResponseHead, firstReadHeldMore: Bool?)
-        case refused
+        /// The server's answer instead of a 101 (its start, as text).
+        case refused(String)
     }
 
-    /// In front of a client connection: holds back its first read for `delay`, so that what the
-    /// server sends by then (the 101 and whatever follows it) arrives in that one read, and notes
-    /// whether that read held more than the response head.
-    final class FirstReadDelay: ChannelDuplexHandler, RemovableChannelHandler {
+    /// In front of a client connection: keeps the start of what the server sends (to describe an
+    /// answer that is no 101) and, with a `delay`, holds back the first read that long, so that
+    /// what the server sends by then (the 101 and whatever follows it) arrives in that one read,
+    /// noting whether that read held more than the response head.
+    final class FirstReadProbe: ChannelDuplexHandler, RemovableChannelHandler {
         typealias InboundIn = ByteBuffer
         typealias InboundOut = ByteBuffer
         typealias OutboundIn = NIOAny
 
-        private let delay: TimeAmount
+        private let delay: TimeAmount?
         private var delayed = false
         private(set) var firstReadHeldMore: Bool?
+        private(set) var start = ""
 
-        init(delay: TimeAmount) { self.delay = delay }
+        init(delay: TimeAmount?) { self.delay = delay }
+
+        /// The probe of `channel` (on its event loop).
+        static func of(_ channel: any Channel) -> FirstReadProbe? {
+            try? channel.pipeline.syncOperations.handler(type: FirstReadProbe.self)
+        }
 
         func read(context: ChannelHandlerContext) {
-            guard !delayed else { return context.read() }
+            guard let delay, !delayed else { return context.read() }
             delayed = true
             context.eventLoop.assumeIsolated().scheduleTask(in: delay) { context.read() }
         }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let bytes = unwrapInboundIn(data).readableBytesView
             if firstReadHeldMore == nil {
-                let bytes = unwrapInboundIn(data).readableBytesView
                 let end = bytes.firstRange(of: Array("\r\n\r\n".utf8))?.upperBound
                 firstReadHeldMore = end.map { $0 < bytes.endIndex } ?? false
             }
+            if start.utf8.count < 1024 { start += String(decoding: bytes.prefix(1024), as: UTF8.self) }
             context.fireChannelRead(data)
         }
     }
@@ -104,9 +113,7 @@ extension ContainerProxyTests {
         let upgrade = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connect(host: "127.0.0.1", port: server.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    if let delayFirstRead {
-                        try channel.pipeline.syncOperations.addHandler(FirstReadDelay(delay: delayFirstRead))
-                    }
+                    try channel.pipeline.syncOperations.addHandler(FirstReadProbe(delay: delayFirstRead))
                     let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(maxFrameSize: 1 << 24) {
                         channel,
                         response in
@@ -116,15 +123,17 @@ extension ContainerProxyTests {
                                     wrappingChannelSynchronously: channel
                                 ),
                                 response,
-                                firstReadHeldMore: try? channel.pipeline.syncOperations
-                                    .handler(type: FirstReadDelay.self).firstReadHeldMore
+                                firstReadHeldMore: delayFirstRead == nil
+                                    ? nil : FirstReadProbe.of(channel)?.firstReadHeldMore
                             )
                         }
                     }
                     let configuration = NIOTypedHTTPClientUpgradeConfiguration<Upgrade>(
                         upgradeRequestHead: head,
                         upgraders: [upgrader],
-                        notUpgradingCompletionHandler: { channel in channel.eventLoop.makeCompletedFuture { .refused } }
+                        notUpgradingCompletionHandler: { channel in
+                            channel.eventLoop.makeCompletedFuture { .refused(FirstReadProbe.of(channel)?.start ?? "") }
+                        }
                     )
                     // The bytes that follow the 101 in the same read (a frame the server sends right
                     // away) stay in the HTTP decoder when the upgrade removes it; NIO's default
@@ -138,8 +147,14 @@ extension ContainerProxyTests {
                 }
             }
             .get()
-        guard case .upgraded(let channel, let response, let firstReadHeldMore) = upgrade else {
-            Issue.record("the server did not upgrade \(path)")
+        let channel: NIOAsyncChannel<WebSocketFrame, WebSocketFrame>
+        let response: HTTPResponseHead
+        let firstReadHeldMore: Bool?
+        switch upgrade {
+        case .upgraded(let upgraded, let head, let heldMore):
+            (channel, response, firstReadHeldMore) = (upgraded, head, heldMore)
+        case .refused(let answer):
+            Issue.record("the server did not upgrade \(path): \(answer)")
             return
         }
         let deadline = channel.channel.eventLoop.scheduleTask(in: deadline) { channel.channel.close(promise: nil) }
