@@ -90,6 +90,8 @@ struct Serve: AsyncParsableCommand {
         for pool in settings.pools { try backend.validate(pool) }
         let pools = settings.pools.map { SessionPool(configuration: $0, backend: backend, logger: logger) }
         let sessions = SessionManager(pools: pools, backends: [backend], logger: logger)
+        // Before the port opens: a request could otherwise start a sandbox that this then removes.
+        await sessions.removeLeftovers()
         let router = buildRouter(
             sessions: sessions,
             apiKey: apiKey,

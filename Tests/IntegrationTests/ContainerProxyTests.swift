@@ -119,6 +119,7 @@ struct ContainerProxyTests {
         let fixture = try await ContainerTests.fixture(script: script)
         let pool = SessionPool(configuration: configuration, backend: fixture.backend, logger: fixture.logger)
         let sessions = SessionManager(pools: [pool], backends: [fixture.backend], logger: fixture.logger)
+        await sessions.removeLeftovers()  // as `serve` does, before the port opens
         let (ports, portSink) = AsyncStream<Int>.makeStream()
         let connections = ClientConnectionRegistry(logger: fixture.logger)
         // The production server: guards, header limits and the upgrade pass-through.
