@@ -24,12 +24,29 @@ public struct HTTPLimits: Sendable, Equatable {
 
     public init() {}
 
-    /// The handlers to add to every HTTP/1 connection, in order.
+    /// The handlers to add to every HTTP/1 connection, in order: the guards, then the upgrade
+    /// pass-through (which removes the HTTP timers once a connection is spliced to a container).
     public func channelHandlers(registry: ClientConnectionRegistry) -> [any RemovableChannelHandler] {
         [
             ClientConnectionLimitHandler(registry: registry, limit: maxConnectionsPerClient),
             RequestDeadlineHandler(head: requestHeadTimeout, body: requestBodyTimeout),
+            UpgradePassThroughHandler(),
         ]
+    }
+
+    /// Sandpiper's HTTP/1.1 server: every connection gets `channelHandlers` and the header limits.
+    public func http1Server(registry: ClientConnectionRegistry) -> HTTPServerBuilder {
+        .http1(
+            configuration: .init(
+                additionalChannelHandlers: channelHandlers(registry: registry),
+                idleTimeout: .seconds(75),
+                httpDecoderConfiguration: .init(
+                    maxHeaderFieldSize: maxHeaderBytes,
+                    maxHeaderListSize: maxHeaderBytes,
+                    maxHeaderFieldCount: maxHeaderCount
+                )
+            )
+        )
     }
 }
 

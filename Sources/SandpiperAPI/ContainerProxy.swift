@@ -13,13 +13,15 @@ import SandpiperSessions
 
 /// The request context of the Sandpiper router: Hummingbird's basics plus the client's address
 /// (for `X-Forwarded-For` on proxied requests).
-public struct SandpiperRequestContext: RequestContext, RemoteAddressRequestContext {
+public struct SandpiperRequestContext: RequestContext, RemoteAddressRequestContext, ChannelRequestContext {
     public var coreContext: CoreRequestContextStorage
     public let remoteAddress: SocketAddress?
+    public let channel: any Channel
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
         self.remoteAddress = source.channel.remoteAddress
+        self.channel = source.channel
     }
 }
 
@@ -177,7 +179,11 @@ struct ContainerProxy {
         )
     }
 
-    func requestHead(_ request: Request, target: String, clientAddress: String?) -> HTTPRequestHead {
+    /// The head sent to the container; `upgrade` (the client's `Upgrade` value) keeps the request
+    /// an upgrade: `Connection: Upgrade` and `Upgrade` are sent, and no body framing.
+    func requestHead(_ request: Request, target: String, clientAddress: String?, upgrade: String? = nil)
+        -> HTTPRequestHead
+    {
         var headers = HTTPHeaders()
         var forwardedFor: String?
         var hasLength = false
@@ -209,7 +215,10 @@ struct ContainerProxy {
         }
         headers.add(name: "X-Forwarded-Proto", value: scheme)
         headers.add(name: "X-Forwarded-Host", value: host)
-        if chunked && !hasLength {
+        if let upgrade {
+            headers.add(name: "Connection", value: "Upgrade")
+            headers.add(name: "Upgrade", value: upgrade)
+        } else if chunked && !hasLength {
             headers.add(name: "Transfer-Encoding", value: "chunked")
         } else if !hasLength {
             headers.add(name: "Content-Length", value: "0")

@@ -156,12 +156,21 @@ public struct DataPlaneController<Context: RequestContext>: Sendable {
             scheme: scheme
         )
         let clientAddress = (context as? any RemoteAddressRequestContext)?.remoteAddress?.ipAddress
-        return try await session.use { _ in
-            try await proxy.forward(
+        let target = ContainerProxy.target(path: path, query: request.uri.query, prefixSegments: prefixSegments)
+        if let upgrade = ContainerProxy.upgradeProtocol(request),
+            let client = (context as? any ChannelRequestContext)?.channel
+        {
+            return try await proxy.upgrade(
                 request,
-                target: ContainerProxy.target(path: path, query: request.uri.query, prefixSegments: prefixSegments),
-                clientAddress: clientAddress
+                protocol: upgrade,
+                target: target,
+                clientAddress: clientAddress,
+                client: client,
+                session: session
             )
+        }
+        return try await session.use { _ in
+            try await proxy.forward(request, target: target, clientAddress: clientAddress)
         }
     }
 

@@ -190,4 +190,8 @@ public protocol ContainerEndpoint: Sendable {
     /// Throws `sandboxFailure` (`ContainerUnreachable`) when nothing accepts it and `timeout`
     /// when the connection does not complete in time.
     func connect(timeout: Duration) async throws -> Int32
+    /// Runs `action` once when the container is destroyed (at once when it already is), so that
+    /// long-lived connections to it (relayed WebSockets) end with their session. The returned
+    /// closure drops `action` again, for connections that end first.
+    func onDestroy(_ action: @escaping @Sendable () -> Void) -> @Sendable () -> Void
 }

@@ -38,6 +38,9 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         var destroyed = false
         var exitStatus: Int32?
         var livenessFailed = false
+        /// `onDestroy` actions, by registration number.
+        var destroyActions: [Int: @Sendable () -> Void] = [:]
+        var nextAction = 0
     }
     private let state = Mutex(State())
     private let exitWatcher: Mutex<Task<Void, Never>?> = Mutex(nil)
@@ -567,12 +570,30 @@ final class ContainerSandbox: Sandbox, ContainerEndpoint {
         RuntimeDescription(runtime: .init(name: image.name, version: image.digest), packages: [])
     }
 
+    func onDestroy(_ action: @escaping @Sendable () -> Void) -> @Sendable () -> Void {
+        let number: Int? = state.withLock { state in
+            guard !state.destroyed else { return nil }
+            state.nextAction += 1
+            state.destroyActions[state.nextAction] = action
+            return state.nextAction
+        }
+        guard let number else {
+            action()
+            return {}
+        }
+        return { [weak self] in _ = self?.state.withLock { $0.destroyActions.removeValue(forKey: number) } }
+    }
+
     func destroy() async {
-        let already = state.withLock { state in
-            defer { state.destroyed = true }
-            return state.destroyed
+        let (already, actions) = state.withLock { state in
+            defer {
+                state.destroyed = true
+                state.destroyActions = [:]
+            }
+            return (state.destroyed, Array(state.destroyActions.values))
         }
         guard !already else { return }
+        for action in actions { action() }
         livenessTask.withLock { $0?.cancel() }
         output.close()
         // Everything (crun or runsc, the container, slirp4netns) lives in the session's cgroups.

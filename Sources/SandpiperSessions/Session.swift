@@ -43,17 +43,28 @@ public final class Session: Sendable {
     public func use<T: Sendable>(
         _ body: @Sendable (Session) async throws -> T
     ) async throws -> T {
+        beginCall()
+        defer { endCall() }
+        return try await body(self)
+    }
+
+    /// Marks a call as in flight until the matching `endCall()`, for calls that outlive a request
+    /// handler (a relayed WebSocket): the session is not reaped while it is open. Resets the idle
+    /// clock; `endCall()` resets it again.
+    public func beginCall() {
+        let date = now()
         activity.withLock {
             $0.callsInFlight += 1
-            $0.lastAccessed = now()
+            $0.lastAccessed = date
         }
-        defer {
-            activity.withLock {
-                $0.callsInFlight -= 1
-                $0.lastAccessed = now()
-            }
+    }
+
+    public func endCall() {
+        let date = now()
+        activity.withLock {
+            $0.callsInFlight -= 1
+            $0.lastAccessed = date
         }
-        return try await body(self)
     }
 
     /// Runs code; executions of this session run one at a time in arrival order.

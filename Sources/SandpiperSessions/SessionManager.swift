@@ -31,10 +31,18 @@ public final class SessionManager: Service, Sendable {
         return pool
     }
 
-    /// Cleans what an earlier run left, then refills and reaps until graceful shutdown, then
-    /// destroys every sandbox.
-    public func run() async throws {
+    /// Removes what an earlier run of the server left (each backend's `cleanupLeftovers`: every
+    /// sandbox it has recorded, and its stray cgroups and directories). Await it before the server
+    /// takes requests: a sandbox started meanwhile would be torn down as it starts or runs. (It
+    /// used to open `run()`, which starts alongside the HTTP server, and under load a first
+    /// request could launch a sandbox before it ran.)
+    public func removeLeftovers() async {
         for backend in backends { await backend.cleanupLeftovers() }
+    }
+
+    /// Refills and reaps until graceful shutdown, then destroys every sandbox. Leftovers of an
+    /// earlier run are `removeLeftovers()`'s, before the server starts.
+    public func run() async throws {
         await withGracefulShutdownHandler {
             await withTaskGroup(of: Void.self) { group in
                 for pool in pools.values {

@@ -90,6 +90,8 @@ struct Serve: AsyncParsableCommand {
         for pool in settings.pools { try backend.validate(pool) }
         let pools = settings.pools.map { SessionPool(configuration: $0, backend: backend, logger: logger) }
         let sessions = SessionManager(pools: pools, backends: [backend], logger: logger)
+        // Before the port opens: a request could otherwise start a sandbox that this then removes.
+        await sessions.removeLeftovers()
         let router = buildRouter(
             sessions: sessions,
             apiKey: apiKey,
@@ -100,17 +102,7 @@ struct Serve: AsyncParsableCommand {
         let poolNames = settings.pools.map(\.name)
         let limits = settings.http
         let connections = ClientConnectionRegistry(logger: logger)
-        let http1 = HTTPServerBuilder.http1(
-            configuration: .init(
-                additionalChannelHandlers: limits.channelHandlers(registry: connections),
-                idleTimeout: .seconds(75),
-                httpDecoderConfiguration: .init(
-                    maxHeaderFieldSize: limits.maxHeaderBytes,
-                    maxHeaderListSize: limits.maxHeaderBytes,
-                    maxHeaderFieldCount: limits.maxHeaderCount
-                )
-            )
-        )
+        let http1 = limits.http1Server(registry: connections)
         let server =
             try settings.tlsCertificate.map { _ in
                 try HTTPServerBuilder.tls(http1, tlsConfiguration: tlsConfiguration(settings))

@@ -40,6 +40,9 @@ struct ContainerProxyTests {
         let client: HTTPClient
         let fixture: Fixture
         let pool: SessionPool
+        let port: Int
+        /// The server's per-client connection count (the production guards).
+        let connections: ClientConnectionRegistry
 
         func request(
             _ method: HTTPMethod,
@@ -116,9 +119,13 @@ struct ContainerProxyTests {
         let fixture = try await ContainerTests.fixture(script: script)
         let pool = SessionPool(configuration: configuration, backend: fixture.backend, logger: fixture.logger)
         let sessions = SessionManager(pools: [pool], backends: [fixture.backend], logger: fixture.logger)
+        await sessions.removeLeftovers()  // as `serve` does, before the port opens
         let (ports, portSink) = AsyncStream<Int>.makeStream()
+        let connections = ClientConnectionRegistry(logger: fixture.logger)
+        // The production server: guards, header limits and the upgrade pass-through.
         let app = Application(
             router: buildRouter(sessions: sessions, apiKey: apiKey),
+            server: HTTPLimits().http1Server(registry: connections),
             configuration: .init(address: .hostname("127.0.0.1", port: 0)),
             services: [sessions],
             onServerRunning: { channel in
@@ -143,7 +150,9 @@ struct ContainerProxyTests {
             authority: "127.0.0.1:\(port)",
             client: client,
             fixture: fixture,
-            pool: pool
+            pool: pool,
+            port: port,
+            connections: connections
         )
         do {
             try await body(server)

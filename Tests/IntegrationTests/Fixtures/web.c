@@ -5,8 +5,15 @@
 //   /download?bytes=N  N bytes (i % 251), streamed
 //   /slow?seconds=N  answers after N seconds
 //   /drop            closes the connection without answering
-//   /stop-listening  the server closes its listening socket (later connections are refused)
+//   /stop-listening  the server closes its listening socket; answered once connections are refused
 //   /health          200, or 500 once /sick was called
+//   /ws              WebSocket (RFC 6455) echo: every data frame comes back as it was sent (opcode,
+//                    FIN bit, payload), pings get their pong, a close is answered with the same
+//                    code and reason; the text "headers" answers the upgrade request's header
+//                    lines, "state" what /state holds, "close:CODE" closes from this side with
+//                    CODE. `?hello` sends a text frame "hello" in the same write as the 101;
+//                    `?bye` a close frame (1000 "bye") in that write, then closes at once;
+//                    the first Sec-WebSocket-Protocol offered is accepted.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -48,6 +55,178 @@ static void respond(int fd, int status, const char *body) {
     write_all(fd, body, strlen(body));
 }
 
+// SHA-1 (FIPS 180-1) and base64, for Sec-WebSocket-Accept.
+static uint32_t rotl(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+static void sha1(const uint8_t *data, size_t length, uint8_t out[20]) {
+    uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+    size_t padded = ((length + 8) / 64 + 1) * 64;
+    uint8_t *message = calloc(padded, 1);
+    memcpy(message, data, length);
+    message[length] = 0x80;
+    uint64_t bits = (uint64_t)length * 8;
+    for (int i = 0; i < 8; i++) message[padded - 1 - i] = (uint8_t)(bits >> (8 * i));
+    for (size_t chunk = 0; chunk < padded; chunk += 64) {
+        uint32_t w[80];
+        for (int i = 0; i < 16; i++) {
+            const uint8_t *p = message + chunk + 4 * i;
+            w[i] = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+        }
+        for (int i = 16; i < 80; i++) w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+        uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+        for (int i = 0; i < 80; i++) {
+            uint32_t f, k;
+            if (i < 20) f = (b & c) | (~b & d), k = 0x5A827999;
+            else if (i < 40) f = b ^ c ^ d, k = 0x6ED9EBA1;
+            else if (i < 60) f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
+            else f = b ^ c ^ d, k = 0xCA62C1D6;
+            uint32_t t = rotl(a, 5) + f + e + k + w[i];
+            e = d, d = c, c = rotl(b, 30), b = a, a = t;
+        }
+        h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
+    }
+    free(message);
+    for (int i = 0; i < 20; i++) out[i] = (uint8_t)(h[i / 4] >> (24 - 8 * (i % 4)));
+}
+
+static void base64(const uint8_t *data, size_t length, char *out) {
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (size_t i = 0; i < length; i += 3) {
+        uint32_t v = (uint32_t)data[i] << 16 | (i + 1 < length ? (uint32_t)data[i + 1] << 8 : 0) |
+                     (i + 2 < length ? data[i + 2] : 0);
+        *out++ = alphabet[v >> 18 & 63];
+        *out++ = alphabet[v >> 12 & 63];
+        *out++ = i + 1 < length ? alphabet[v >> 6 & 63] : '=';
+        *out++ = i + 2 < length ? alphabet[v & 63] : '=';
+    }
+    *out = 0;
+}
+
+// The value of header `name` (without the colon) in `head`, up to `size` - 1 bytes; "" if absent.
+static void header_value(const char *head, const char *name, char *value, size_t size) {
+    value[0] = 0;
+    size_t name_length = strlen(name);
+    for (const char *line = strstr(head, "\r\n"); line; line = strstr(line + 2, "\r\n")) {
+        if (strncasecmp(line + 2, name, name_length) != 0 || line[2 + name_length] != ':') continue;
+        const char *start = line + 3 + name_length;
+        while (*start == ' ') start++;
+        size_t length = strcspn(start, "\r");
+        if (length >= size) length = size - 1;
+        memcpy(value, start, length);
+        value[length] = 0;
+        return;
+    }
+}
+
+// Reads exactly `length` bytes: first from what was read with the head, then from the socket.
+static const char *pending;
+static size_t pending_length;
+
+static int read_exactly(int fd, uint8_t *out, size_t length) {
+    while (length > 0) {
+        if (pending_length > 0) {
+            size_t count = pending_length < length ? pending_length : length;
+            memcpy(out, pending, count);
+            pending += count, pending_length -= count, out += count, length -= count;
+            continue;
+        }
+        ssize_t count = read(fd, out, length);
+        if (count <= 0) return -1;
+        out += count, length -= (size_t)count;
+    }
+    return 0;
+}
+
+static int send_frame(int fd, int fin, int opcode, const uint8_t *payload, size_t length) {
+    uint8_t head[10];
+    size_t head_length = 2;
+    head[0] = (uint8_t)((fin ? 0x80 : 0) | opcode);
+    if (length < 126) {
+        head[1] = (uint8_t)length;
+    } else if (length < 65536) {
+        head[1] = 126, head[2] = (uint8_t)(length >> 8), head[3] = (uint8_t)length, head_length = 4;
+    } else {
+        head[1] = 127, head_length = 10;
+        for (int i = 0; i < 8; i++) head[2 + i] = (uint8_t)((uint64_t)length >> (56 - 8 * i));
+    }
+    if (write_all(fd, (const char *)head, head_length) != 0) return -1;
+    return write_all(fd, (const char *)payload, length);
+}
+
+static void serve_websocket(int fd, const char *head, const char *target, const char *early, size_t early_length) {
+    char key[128], protocols[256], accept[64], line[512];
+    header_value(head, "Sec-WebSocket-Key", key, sizeof key);
+    header_value(head, "Sec-WebSocket-Protocol", protocols, sizeof protocols);
+    strcat(key, "258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    uint8_t digest[20];
+    sha1((const uint8_t *)key, strlen(key), digest);
+    base64(digest, 20, accept);
+    static char answer[1024];
+    int length = snprintf(answer, sizeof answer,
+                          "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Accept: %s\r\n",
+                          accept);
+    if (protocols[0]) {
+        protocols[strcspn(protocols, ", ")] = 0;
+        snprintf(line, sizeof line, "Sec-WebSocket-Protocol: %s\r\n", protocols);
+        length += snprintf(answer + length, sizeof answer - (size_t)length, "%s", line);
+    }
+    length += snprintf(answer + length, sizeof answer - (size_t)length, "\r\n");
+    if (strstr(target, "hello")) length += snprintf(answer + length, sizeof answer - (size_t)length, "\x81\x05hello");
+    int bye = strstr(target, "bye") != NULL;
+    if (bye) length += snprintf(answer + length, sizeof answer - (size_t)length, "\x88\x05\x03\xe8" "bye");
+    if (write_all(fd, answer, (size_t)length) != 0 || bye) return;
+    pending = early, pending_length = early_length;
+    while (1) {
+        uint8_t frame_head[2], mask[4] = {0};
+        if (read_exactly(fd, frame_head, 2) != 0) return;
+        int fin = frame_head[0] >> 7, opcode = frame_head[0] & 15;
+        uint64_t size = frame_head[1] & 127;
+        uint8_t extended[8];
+        if (size == 126) {
+            if (read_exactly(fd, extended, 2) != 0) return;
+            size = (uint64_t)extended[0] << 8 | extended[1];
+        } else if (size == 127) {
+            if (read_exactly(fd, extended, 8) != 0) return;
+            size = 0;
+            for (int i = 0; i < 8; i++) size = size << 8 | extended[i];
+        }
+        if (size > (64u << 20)) return;
+        if ((frame_head[1] & 0x80) && read_exactly(fd, mask, 4) != 0) return;
+        uint8_t *payload = malloc(size + 1);
+        if (read_exactly(fd, payload, size) != 0) return;
+        for (uint64_t i = 0; i < size; i++) payload[i] ^= mask[i % 4];
+        payload[size] = 0;
+        if (opcode == 9) {
+            send_frame(fd, 1, 10, payload, size);
+        } else if (opcode == 8) {
+            send_frame(fd, 1, 8, payload, size);
+            free(payload);
+            return;
+        } else if (opcode == 1 && fin && strncmp((char *)payload, "close:", 6) == 0) {
+            long code = atol((char *)payload + 6);
+            uint8_t close_payload[8] = {(uint8_t)(code >> 8), (uint8_t)code, 's', 'e', 'r', 'v', 'e', 'r'};
+            send_frame(fd, 1, 8, close_payload, sizeof close_payload);
+            free(payload);
+            return;
+        } else if (opcode == 1 && fin && strcmp((char *)payload, "headers") == 0) {
+            send_frame(fd, 1, 1, (const uint8_t *)head, strlen(head));
+        } else if (opcode == 1 && fin && strcmp((char *)payload, "state") == 0) {
+            char state[4096] = "";
+            FILE *file = fopen("/tmp/state", "r");
+            if (file) {
+                size_t count = fread(state, 1, sizeof state - 1, file);
+                state[count] = 0;
+                fclose(file);
+            }
+            send_frame(fd, 1, 1, (const uint8_t *)state, strlen(state));
+        } else {
+            send_frame(fd, fin, opcode, payload, size);
+        }
+        free(payload);
+    }
+}
+
 static long query_number(const char *target, const char *name) {
     const char *found = strstr(target, name);
     return found ? atol(found + strlen(name)) : 0;
@@ -70,6 +249,12 @@ static void serve(int fd) {
     size_t body_have = used - (size_t)(body - request);
     char method[16] = "", target[4096] = "";
     sscanf(request, "%15s %4095s", method, target);
+    char upgrade[64];
+    header_value(request, "Upgrade", upgrade, sizeof upgrade);
+    if (strncmp(target, "/ws", 3) == 0 && strcasecmp(upgrade, "websocket") == 0) {
+        serve_websocket(fd, request, target, body, body_have);
+        return;
+    }
     long content_length = 0;
     for (char *line = strstr(request, "\r\n"); line; line = strstr(line + 2, "\r\n")) {
         if (strncasecmp(line + 2, "Content-Length:", 15) == 0) content_length = atol(line + 17);
@@ -144,6 +329,17 @@ static void serve(int fd) {
         return;
     } else if (strncmp(target, "/stop-listening", 15) == 0) {
         kill(getppid(), SIGUSR1);
+        // Answer once the port refuses connections: the parent closes it when it next runs, and a
+        // connection made before that would sit in its backlog and then be reset, not refused.
+        for (int i = 0; i < 1000; i++) {
+            int probe = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in self = {.sin_family = AF_INET, .sin_port = htons(8080)};
+            self.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            int refused = connect(probe, (struct sockaddr *)&self, sizeof self) != 0;
+            close(probe);
+            if (refused) break;
+            usleep(10000);
+        }
         respond(fd, 200, "stopped\n");
     } else if (strncmp(target, "/sick", 5) == 0) {
         close(open("/tmp/unhealthy", O_WRONLY | O_CREAT, 0644));
