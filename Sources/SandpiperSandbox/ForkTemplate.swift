@@ -372,14 +372,6 @@ actor ForkTemplate {
         return value
     }
 
-    /// The host pid of the process in `sandboxID`'s cgroups whose pid is `namespacePID` in the pid
-    /// namespace `depth` levels below the host's (from `NSpid`).
-    static func hostPID(of namespacePID: pid_t, depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
-        -> pid_t?
-    {
-        hostPIDs(of: [namespacePID], depth: depth, inGroupOf: sandboxID, backend: backend).first
-    }
-
     /// The host pids of the processes in `sandboxID`'s cgroups whose pids are `namespacePIDs` in
     /// the pid namespace `depth` levels below the host's, in the same order; shorter when some
     /// are not there.

@@ -482,8 +482,7 @@ public final class NamespaceBackend: SandboxBackend {
         // Groups recorded under another parent (the server may run in another cgroup now).
         for dir in cgroupDirectories where !cgroups.directories(for: id).contains(dir) {
             for round in 0..<200 {
-                guard let text = SystemFile.read(dir + "/cgroup.procs") else { break }
-                let pids = text.split(separator: "\n").compactMap { pid_t($0) }
+                let pids = SystemFile.pids(dir + "/cgroup.procs")  // empty too when the group is gone
                 if pids.isEmpty { break }
                 for pid in pids { kill(pid, SIGKILL) }
                 usleep(round < 10 ? 1000 : 10_000)
