@@ -45,9 +45,10 @@ setup:
 	scripts/setup.sh
 
 build:
-	@echo "==> make build: release build of sandpiper and sandpiper-init (forked sessions' first process)"
+	@echo "==> make build: release build of sandpiper, sandpiper-init and libSandpiperForker.so (forked sessions)"
 	$(SWIFT) build -c release --product sandpiper
 	$(SWIFT) build -c release --product sandpiper-init
+	$(SWIFT) build -c release --product SandpiperForker
 
 run: setup build $(if $(TLS),tls-cert)
 	@echo "==> make run: .build/release/sandpiper serve $(strip $(SERVE_FLAGS) $(ARGS))"

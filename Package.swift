@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .executable(name: "sandpiper", targets: ["sandpiper"]),
         .executable(name: "sandpiper-init", targets: ["sandpiper-init"]),
+        .library(name: "SandpiperForker", type: .dynamic, targets: ["SandpiperForker"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
@@ -42,7 +43,16 @@ let package = Package(
         // fork template inside its sandbox, where no Swift runtime is bound).
         .executableTarget(
             name: "sandpiper-init",
-            linkerSettings: [.unsafeFlags(["-static-executable", "-Xlinker", "-s"])]
+            dependencies: ["CNoSwiftRuntime"],
+            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xclang-linker", "-static", "-Xlinker", "-s"])]
+        ),
+        // Stand-ins for the Swift runtime in sandpiper-init and SandpiperForker, plain C (stubs.c).
+        .target(name: "CNoSwiftRuntime"),
+        // The fork loop of a Python fork template (C, loaded there with ctypes; no Swift runtime).
+        .target(
+            name: "SandpiperForker",
+            dependencies: ["CNoSwiftRuntime"],
+            linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "--as-needed", "-Xlinker", "-s"])]
         ),
         // The namespace sandbox backend (bubblewrap + seccomp + cgroups + tmpfs /mnt/data).
         .target(

@@ -27,7 +27,9 @@ actor ForkTemplate {
     private let logger: Logger
     private var running: Running?
     private var starting: Task<Running, any Error>?
-    private let controlExchange = ControlExchange()
+    /// Fork requests waiting or running on each forker's socket: a request goes to the least
+    /// busy forker.
+    private var inFlight: [Int] = []
     /// When the last start failed: no new attempt for `retryDelay` (the pool falls back to exec).
     private var failedAt: ContinuousClock.Instant?
     static let retryDelay: Duration = .seconds(30)
@@ -40,10 +42,15 @@ actor ForkTemplate {
     private struct Running {
         let id: String
         let pid: pid_t
-        let control: Int32
+        /// One control socket per forker, each with its own request lock.
+        let controls: [(socket: Int32, exchange: ControlExchange)]
         let uids: UIDBlock
         let stderrTail: OutputTail
     }
+
+    /// How many forkers a template runs: one per core (a fork is serial work in its forker), at
+    /// most four.
+    static let forkerCount = max(1, min(ProcessInfo.processInfo.activeProcessorCount, 4))
 
     init(pool: PoolConfiguration, backend: NamespaceBackend) {
         self.pool = pool
@@ -73,16 +80,30 @@ actor ForkTemplate {
             "uid": .integer(Int64(insideUID)),
             "tmpBytes": .integer(limits.tmpBytes),
             "diskBytes": .integer(limits.diskBytes),
+            "initUid": .integer(Int64(running.uids.initUID)),
         ])
         let payload = Array((try? JSONEncoder().encode(request)) ?? Data())
         // The template takes them as: requests, responses, go, stderr.
         let ordered = [fds[0], fds[1], go.read, fds[2]]
-        // The round trip blocks (the template forks one session at a time): on NIO's blocking
-        // pool, never on a cooperative thread, and one request at a time on the socket.
-        let control = running.control
-        let exchange = controlExchange
-        let (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
-            exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
+        // The round trip blocks (a forker forks one session at a time): on NIO's blocking pool,
+        // never on a cooperative thread, and one request at a time on a forker's socket.
+        if inFlight.count != running.controls.count { inFlight = Array(repeating: 0, count: running.controls.count) }
+        let forker = inFlight.indices.min { inFlight[$0] < inFlight[$1] } ?? 0
+        let (control, exchange) = running.controls[forker]
+        inFlight[forker] += 1
+        func done() {
+            if forker < inFlight.count { inFlight[forker] = max(0, inFlight[forker] - 1) }
+        }
+        let sent: Int
+        let answer: Result<[UInt8], ControlExchange.ReadFailure>
+        do {
+            (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
+                exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
+            }
+            done()
+        } catch {
+            done()
+            throw error
         }
         guard sent == payload.count else { throw templateDied("cannot send a fork request") }
         guard case .success(let bytes) = answer else {
@@ -205,7 +226,7 @@ actor ForkTemplate {
 
     /// Closes the control socket and removes the template's processes, cgroups and record.
     private static func remove(_ running: Running, backend: NamespaceBackend) async {
-        close(running.control)
+        for control in running.controls { close(control.socket) }
         running.stderrTail.close()
         let unreaped = backend.removeTraces(
             id: running.id,
@@ -224,11 +245,12 @@ actor ForkTemplate {
             throw SandpiperError(
                 .unavailable,
                 code: Self.unavailableCode,
-                "sandpiper-init is missing at \(backend.configuration.sessionInit) (it is built with the server: `swift build`)"
+                "sandpiper-init or \(NamespaceBackend.builtForkerName) is missing beside "
+                    + "\(backend.configuration.sessionInit) (both are built with the server: `make build`)"
             )
         }
         let slots = UInt32(min(pool.maxConcurrentSessions + pool.readySessionInstances + 8, 4000))
-        let base = try backend.allocateUIDBlock(count: slots + 1)
+        let base = try backend.allocateUIDBlock(count: slots + 2)
         let uids = UIDBlock(base: base, count: slots, backend: backend)
         let id = "tpl-\(pool.name)-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
         var record = SandboxRecord(
@@ -253,11 +275,18 @@ actor ForkTemplate {
             limits.memoryBytes = max(limits.memoryBytes, 512 << 20) + Int64(slots) * Self.kernelMemoryPerSession
             limits.pids = 64
             let procs = try backend.cgroups.create(sandboxID: id, limits: limits)
-            var pair: [Int32] = [0, 0]
-            guard sandpiper_seqpacket_pair(&pair) == 0 else {
-                throw SandpiperError(.unavailable, "cannot create the template's socket")
+            // One control socket per forker: ours, and theirs (fd 3, then 7 on).
+            var ours: [Int32] = []
+            var theirs: [Int32] = []
+            for _ in 0..<Self.forkerCount {
+                var pair: [Int32] = [0, 0]
+                guard sandpiper_seqpacket_pair(&pair) == 0 else {
+                    throw SandpiperError(.unavailable, "cannot create the template's socket")
+                }
+                openFDs += pair
+                ours.append(pair[0])
+                theirs.append(pair[1])
             }
-            openFDs += pair
             let ready = try Pipe()
             let go = try Pipe()
             let stderrPipe = try Pipe()
@@ -265,20 +294,23 @@ actor ForkTemplate {
             let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
             openFDs.append(devNull)
             let stderrFD = backend.configuration.inheritAgentStderr ? STDERR_FILENO : stderrPipe.write
-            // fd 3: the control socket; 4 and 5: the hand-shake for the uid maps, closed before
-            // bubblewrap starts.
+            // fd 3: the first forker's control socket; 4 and 5: the hand-shake for the uid maps,
+            // closed before bubblewrap starts.
             let templateFilter = open(backend.templateSeccompPath, O_RDONLY | O_CLOEXEC)
             guard templateFilter >= 0 else { throw SandpiperError.internalError("cannot open the template's filter") }
             openFDs.append(templateFilter)
-            // 6: the template's own seccomp filter, which bubblewrap installs.
-            let fds = [devNull, devNull, stderrFD, pair[1], ready.write, go.read, templateFilter]
+            // 6: the template's own seccomp filter, which bubblewrap installs; 7 on: the other
+            // forkers' control sockets.
+            let fds =
+                [devNull, devNull, stderrFD, theirs[0], ready.write, go.read, templateFilter] + theirs.dropFirst()
+            let forkerFDs = (0..<(theirs.count - 1)).map { Int32(7 + $0) }
             let handshake = #"echo r >&4 && read x <&5 && exec 4>&- 5<&- && exec "$@""#
             let launcher =
                 [
                     backend.configuration.setpriv, "--reuid=\(base)", "--regid=\(base)", "--clear-groups",
                     "--inh-caps=-all", "--", "/usr/bin/unshare", "--user", "--", "/bin/sh", "-c", handshake,
                     "sandpiper-template", backend.configuration.bubblewrap,
-                ] + Self.bubblewrapArguments(pool: pool, backend: backend)
+                ] + Self.bubblewrapArguments(pool: pool, backend: backend, forkerFDs: forkerFDs)
             let script = "ulimit -n 4096 && ulimit -c 0 || exit 125; " + SlirpNetwork.joinCgroupsScript
             logger.trace("starting the fork template", metadata: ["command": "\(launcher.joined(separator: " "))"])
             pid = try ChildProcess.spawn(
@@ -288,8 +320,8 @@ actor ForkTemplate {
             )
             record.pid = pid
             try? await backend.records.save(record)
-            for fd in [pair[1], ready.write, go.read, devNull, stderrPipe.write, templateFilter] { close(fd) }
-            openFDs = [pair[0], ready.read, go.write]
+            for fd in theirs + [ready.write, go.read, devNull, stderrPipe.write, templateFilter] { close(fd) }
+            openFDs = ours + [ready.read, go.write]
             let stderrTail = try await OutputTail.drain(stderrPipe.read)
             tail = stderrTail
             var byte: UInt8 = 0
@@ -300,8 +332,9 @@ actor ForkTemplate {
                     "the template's user namespace did not come up"
                 )
             }
-            // Inside root is the template's own uid; 1...slots are the sessions'.
-            let map = "0 \(base) 1\n1 \(base + 1) \(slots)\n"
+            // Inside root is the template's own uid; 1...slots are the sessions', slots+1 their
+            // pid 1s'.
+            let map = "0 \(base) 1\n1 \(base + 1) \(slots + 1)\n"
             for file in ["uid_map", "gid_map"] {
                 guard (try? map.write(toFile: "/proc/\(pid)/\(file)", atomically: false, encoding: .utf8)) != nil else {
                     throw SandpiperError(
@@ -316,18 +349,29 @@ actor ForkTemplate {
             _ = write(go.write, &line, line.count)
             close(ready.read)
             close(go.write)
-            openFDs = [pair[0]]
+            openFDs = ours
             let limit = backend.configuration.templateStartupTimeout.components
             let timeout = Int32(clamping: limit.seconds * 1000 + limit.attoseconds / 1_000_000_000_000_000)
-            let hello = try readMessage(pair[0], timeout: timeout, tail: stderrTail)
-            guard case .object(let fields) = hello, fields["type"] == .string("ready") else {
-                throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template said \(hello)")
+            for control in ours {
+                let hello = try readMessage(control, timeout: timeout, tail: stderrTail)
+                guard case .object(let fields) = hello, fields["type"] == .string("ready") else {
+                    throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template said \(hello)")
+                }
             }
             logger.info(
                 "fork template ready",
-                metadata: ["uids": "\(base)...\(base + slots)", "took": "\(ContinuousClock.now - started)"]
+                metadata: [
+                    "uids": "\(base)...\(base + slots + 1)", "forkers": "\(ours.count)",
+                    "took": "\(ContinuousClock.now - started)",
+                ]
             )
-            return Running(id: id, pid: pid, control: pair[0], uids: uids, stderrTail: stderrTail)
+            return Running(
+                id: id,
+                pid: pid,
+                controls: ours.map { ($0, ControlExchange()) },
+                uids: uids,
+                stderrTail: stderrTail
+            )
         } catch {
             tail?.close()
             for fd in openFDs { close(fd) }
@@ -393,7 +437,9 @@ actor ForkTemplate {
     /// The template's sandbox: the same read-only view as an exec session, its capabilities kept
     /// inside its own user namespace, and the session filter less unshare, mount and sethostname
     /// (which it needs to set its sessions up; they install the full filter).
-    static func bubblewrapArguments(pool: PoolConfiguration, backend: NamespaceBackend) -> [String] {
+    static func bubblewrapArguments(pool: PoolConfiguration, backend: NamespaceBackend, forkerFDs: [Int32])
+        -> [String]
+    {
         let runtime = backend.configuration.pythonRuntime
         var arguments = [
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try",
@@ -413,7 +459,9 @@ actor ForkTemplate {
             arguments += ["--setenv", name, value]
         }
         arguments += ["--remount-ro", "/", "--seccomp", "6", "--"]
-        arguments += NamespaceSandbox.agentCommand(for: .pythonLTS, runtime: runtime) + ["--template"]
+        arguments +=
+            NamespaceSandbox.agentCommand(for: .pythonLTS, runtime: runtime) + ["--template"]
+            + forkerFDs.map { "\($0)" }
         return worldTraversableParents(arguments)
     }
 
@@ -444,10 +492,16 @@ actor ForkTemplate {
 }
 
 /// The host uids of one template: `base` is the template's own, base+1...base+count its
-/// sessions'. Given back to the backend once the template is gone and every session ended.
+/// sessions', and base+count+1 (`initUID` inside) that of its sessions' pid 1s, which owns
+/// nothing and never runs user code. Given back to the backend once the template is gone and
+/// every session ended.
 final class UIDBlock: Sendable {
     let base: UInt32
     let count: UInt32
+    /// Every uid of the block: the template's, the sessions', the inits'.
+    var size: UInt32 { count + 2 }
+    /// The sessions' pid 1s' uid, as the template's user namespace numbers it.
+    var initUID: UInt32 { count + 1 }
     private let state = Mutex<(used: Set<UInt32>, retired: Bool)>(([], false))
     private let backend: NamespaceBackend
 
@@ -471,7 +525,7 @@ final class UIDBlock: Sendable {
             state.used.remove(inside)
             return state.retired && state.used.isEmpty
         }
-        if done { backend.releaseUIDBlock(base: base, count: count + 1) }
+        if done { backend.releaseUIDBlock(base: base, count: size) }
     }
 
     func retire() {
@@ -479,7 +533,7 @@ final class UIDBlock: Sendable {
             state.retired = true
             return state.used.isEmpty
         }
-        if done { backend.releaseUIDBlock(base: base, count: count + 1) }
+        if done { backend.releaseUIDBlock(base: base, count: size) }
     }
 }
 

@@ -34,7 +34,8 @@ public final class NamespaceBackend: SandboxBackend {
         /// Send the agents' own stderr to the server's (for debugging the agents).
         public var inheritAgentStderr: Bool
         /// The static `sandpiper-init` program a fork template spawns as each session's first
-        /// process (built with the server, found beside it). Without it, fork pools use exec.
+        /// process (built with the server, found beside it), with the template's fork loop
+        /// `libSandpiperForker.so` beside it. Without them, fork pools use exec.
         public var sessionInit: String
 
         public init(
@@ -162,8 +163,16 @@ public final class NamespaceBackend: SandboxBackend {
     /// Sandboxes bind the agents from the state directory, which every sandbox uid can reach
     /// (a checkout under /root could not be bound by an unprivileged bubblewrap).
     var installedAgentsDirectory: String { configuration.stateDirectory + "/agents" }
-    /// True when fork templates can run: `sandpiper-init` was installed with the agents.
-    var hasSessionInit: Bool { access(installedAgentsDirectory + "/sandpiper-init", X_OK) == 0 }
+    /// True when fork templates can run: `sandpiper-init` and the fork loop were installed with
+    /// the agents.
+    var hasSessionInit: Bool {
+        access(installedAgentsDirectory + "/sandpiper-init", X_OK) == 0
+            && access(installedAgentsDirectory + "/" + Self.installedForkerName, R_OK) == 0
+    }
+
+    /// The fork loop's library as SwiftPM builds it (beside `sessionInit`), and as installed.
+    static let builtForkerName = "libSandpiperForker.so"
+    static let installedForkerName = "libsandpiper-forker.so"
 
     private func installAgents() throws {
         let target = installedAgentsDirectory
@@ -177,10 +186,15 @@ public final class NamespaceBackend: SandboxBackend {
                 chmod(staging + "/" + relative, isDirectory.boolValue ? 0o755 : 0o644)
             }
         }
-        // The forked sessions' init, executable by the templates (it drops to each session's uid).
-        if access(configuration.sessionInit, X_OK) == 0 {
+        // The forked sessions' init, executable by the templates (it drops to the init uid), and
+        // the templates' fork loop.
+        let forker = URL(fileURLWithPath: configuration.sessionInit).deletingLastPathComponent()
+            .appendingPathComponent(Self.builtForkerName).path
+        if access(configuration.sessionInit, X_OK) == 0, access(forker, R_OK) == 0 {
             try FileManager.default.copyItem(atPath: configuration.sessionInit, toPath: staging + "/sandpiper-init")
             chmod(staging + "/sandpiper-init", 0o755)
+            try FileManager.default.copyItem(atPath: forker, toPath: staging + "/" + Self.installedForkerName)
+            chmod(staging + "/" + Self.installedForkerName, 0o644)
         }
         chmod(staging, 0o755)
         try? FileManager.default.removeItem(atPath: target)
@@ -426,7 +440,7 @@ public final class NamespaceBackend: SandboxBackend {
     /// session sets itself up in a few ms): more of them overlap. Exec launches keep two.
     public func refillParallelism(for pool: PoolConfiguration) async -> Int {
         guard pool.forks else { return 2 }
-        return await template(for: pool).available ? 6 : 2
+        return await template(for: pool).available ? 12 : 2
     }
 
     /// Stops the fork templates and removes this server's (now empty) parent cgroups.

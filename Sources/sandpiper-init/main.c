@@ -5,15 +5,19 @@
 // running user code) spawns this small static program for each new session, instead of forking
 // its whole interpreter twice. It:
 //   1. unshares new mount, pid, net, ipc and uts namespaces and forks the session's pid 1;
-//   2. pid 1 mounts the session's /proc, /tmp, /dev/shm and /mnt/data (tmpfs, size-limited,
-//      /mnt/data owned by the session uid), names the host `sandbox` and brings `lo` up;
-//   3. pid 1 drops to the session uid, every capability, no_new_privs, not dumpable, and the
-//      session seccomp filter; then it only reaps orphans for the rest of the session;
+//   2. pid 1 mounts the session's /proc, /tmp, /dev/shm and /mnt/data (tmpfs, size-limited;
+//      the agent gives /mnt/data to the session uid), names the host `sandbox` and brings
+//      `lo` up;
+//   3. pid 1 drops to INIT_UID (the template's uid for its sessions' pid 1s, which owns nothing
+//      and never runs user code), every capability, no_new_privs, not dumpable, and the session
+//      seccomp filter; then it only reaps orphans for the rest of the session;
 //   4. this process reports pid 1's pid (as the template sees it) on fd 3, or `error: ...`,
 //      and exits.
-// The template then forks its warm interpreter into these namespaces as the session's agent.
+// Nothing here depends on the session it will serve: the template spawns the next sessions'
+// inits ahead of their requests, so that this work overlaps its forks. It then forks its warm
+// interpreter into these namespaces as the session's agent.
 //
-// Usage: sandpiper-init TMP_BYTES DISK_BYTES UID   (fd 3: the report pipe; stderr: the session's)
+// Usage: sandpiper-init TMP_BYTES DISK_BYTES INIT_UID   (fd 3: the report pipe)
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -137,7 +141,7 @@ static void session_init(int ready, long long tmp_bytes, long long disk_bytes, u
     struct stat info;
     if (stat("/dev/shm", &info) == 0 && S_ISDIR(info.st_mode))
         mount_or_fail(ready, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, options);
-    snprintf(options, sizeof(options), "size=%lld,mode=0700,uid=%u,gid=%u", disk_bytes, uid, uid);
+    snprintf(options, sizeof(options), "size=%lld,mode=0700", disk_bytes);
     mount_or_fail(ready, "tmpfs", "/mnt/data", "tmpfs", MS_NOSUID | MS_NODEV, options);
     if (sethostname("sandbox", 7) != 0) fail(ready, "sethostname: %s", strerror(errno));
     loopback_up(ready);
@@ -175,7 +179,7 @@ int main(int argc, char **argv) {
         for (int fd = REPORT_FD + 1; fd < 4096; fd++) close(fd);
     }
     if (fcntl(REPORT_FD, F_GETFD) < 0) return 2;
-    if (argc != 4) fail(REPORT_FD, "usage: sandpiper-init TMP_BYTES DISK_BYTES UID");
+    if (argc != 4) fail(REPORT_FD, "usage: sandpiper-init TMP_BYTES DISK_BYTES INIT_UID");
     long long tmp_bytes = parse_number(argv[1], LLONG_MAX / 2);
     long long disk_bytes = parse_number(argv[2], LLONG_MAX / 2);
     long long uid = parse_number(argv[3], 65535);

@@ -63,8 +63,9 @@ struct ForkTests {
             let a = try await Self.probe(first)
             let b = try await Self.probe(second)
             for probe in [a, b] {
-                // Only its own processes exist for it: nothing else can even be named, let alone signalled.
-                #expect(probe.refused.isEmpty, "processes of others are visible: \(probe.refused)")
+                // Only its own processes exist for it: nothing else can even be named, let alone
+                // signalled. Its pid 1 (sandpiper-init, the init uid) is not the user's to signal.
+                #expect(probe.refused == [1], "processes of others are visible: \(probe.refused)")
                 #expect(Set(probe.reachable).isSubset(of: Set(probe.visible)))
                 #expect(probe.visible.count <= 8, "threads of its init and agent only: \(probe.visible)")
                 #expect(probe.uid != 0)
@@ -108,7 +109,9 @@ struct ForkTests {
 
     /// The session's pid 1 is the small static sandpiper-init, not a copy of the interpreter: it
     /// holds nothing of the template's, and is as confined as the agent before any user code runs.
-    @Test("A forked session's pid 1 is sandpiper-init: session uid, no capability, no_new_privs, seccomp, nothing open")
+    /// It runs as the template's init uid, which is no session's (it is spawned before its
+    /// session is known).
+    @Test("A forked session's pid 1 is sandpiper-init: init uid, no capability, no_new_privs, seccomp, nothing open")
     func sessionInit() async throws {
         try await withFixture { fixture in
             let pool = Fixture.pool(tier: .forked)
@@ -128,9 +131,20 @@ struct ForkTests {
             let agentPID = try #require(pids.first { status($0)["NSpid"]?.hasSuffix("\t2") == true }, "\(pids)")
             let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(initPID)/exe")
             #expect(exe.hasSuffix("/sandpiper-init"), "\(exe)")
-            for pid in [initPID, agentPID] {
+            let other = try await fixture.launch(pool)
+            let otherInit = try #require(
+                fixture.backend.cgroups.pids(sandboxID: other.id).first {
+                    status($0)["NSpid"]?.hasSuffix("\t1") == true
+                }
+            )
+            let initUID = try #require(status(initPID)["Uid"]?.split(separator: "\t").first.map(String.init))
+            #expect(status(otherInit)["Uid"]?.split(separator: "\t").first.map(String.init) == initUID)
+            for uid in ["0", "\(session.uid)", "\(other.uid)"] {
+                #expect(initUID != uid, "pid 1 runs as \(uid)")
+            }
+            await other.destroy()
+            for (pid, uid) in [(initPID, initUID), (agentPID, "\(session.uid)")] {
                 let fields = status(pid)
-                let uid = "\(session.uid)"
                 #expect(
                     fields["Uid"]?.split(separator: "\t").allSatisfy { String($0) == uid } == true,
                     "\(fields["Uid"] ?? "")"
@@ -160,9 +174,13 @@ struct ForkTests {
             var info = stat()
             #expect(stat("/proc/\(initPID)/mem", &info) == 0)
             #expect(info.st_uid != session.uid)
-            // Its mounts are the session's: /mnt/data a tmpfs of the session's uid.
+            // Its mounts are the session's: /mnt/data a tmpfs, the session uid's alone.
             let mounts = SystemFile.read("/proc/\(initPID)/mountinfo") ?? ""
-            #expect(mounts.contains(" /mnt/data ") && mounts.contains("uid=\(session.uid)"), "\(mounts)")
+            #expect(mounts.contains(" /mnt/data ") && mounts.contains(" - tmpfs "), "\(mounts)")
+            var data = stat()
+            #expect(stat("/proc/\(initPID)/root/mnt/data", &data) == 0)
+            #expect(data.st_uid == session.uid && data.st_gid == session.uid)
+            #expect(data.st_mode & 0o777 == 0o700)
             // An orphan of the session is reaped by it (no zombie stays behind).
             _ = try await session.run(
                 "import subprocess; subprocess.Popen(['/bin/sh', '-c', 'sleep 0.2 & exit 0']).wait()"

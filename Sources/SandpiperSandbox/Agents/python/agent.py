@@ -11,6 +11,7 @@ Python 3.11 standard library only; IPython and matplotlib are used when present.
 import base64
 import binascii
 import contextlib
+import ctypes
 import fcntl
 import importlib
 import importlib.metadata
@@ -1422,7 +1423,7 @@ def main():
 TEMPLATE_CONTROL_FD = 3
 SECCOMP_PROGRAM = "/opt/sandpiper/seccomp.bpf"
 SESSION_INIT = "/opt/sandpiper/agents/sandpiper-init"
-SESSION_INIT_TIMEOUT = 10.0
+FORKER_LIBRARY = "/opt/sandpiper/agents/libsandpiper-forker.so"
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -1581,78 +1582,33 @@ def session_agent(agent, kernel, program, request):
     os._exit(0)
 
 
-def spawn_session_init(request, err):
-    """The session's namespaces and pid 1, made by sandpiper-init; returns that pid 1's pid in
-    the template's pid namespace."""
-    numbers = [int(request["tmpBytes"]), int(request["diskBytes"]), int(request["uid"])]
-    report, report_w = os.pipe()
-    try:
-        os.posix_spawn(SESSION_INIT, [SESSION_INIT] + [str(n) for n in numbers], {},
-                       file_actions=[(os.POSIX_SPAWN_DUP2, report_w, 3), (os.POSIX_SPAWN_DUP2, err, 2)])
-        os.close(report_w)
-        report_w = -1
-        said = b""
-        deadline = time.monotonic() + SESSION_INIT_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([report], [], [], left)[0]:
-                raise OSError("sandpiper-init did not report in %.0f s" % SESSION_INIT_TIMEOUT)
-            chunk = os.read(report, 1024)
-            if not chunk:
-                break
-            said += chunk
-    finally:
-        os.close(report)
-        if report_w >= 0:
-            os.close(report_w)
-    text = said.decode("utf-8", "replace").strip()
-    if not text.isdigit():
-        raise OSError("sandpiper-init: %s" % (text or "no report"))
-    return int(text)
+class Forked(ctypes.Structure):
+    """What `sandpiper_forker_serve` hands a forked session (Sources/SandpiperForker)."""
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("uid", "request_fd", "response_fd", "go_fd", "stderr_fd", "init_pidfd")]
 
 
-def fork_session(agent, kernel, program, control, own_pid_namespace, request, fds):
-    """Makes the session's namespaces and pid 1 (sandpiper-init), then forks the agent into
-    them: pid 2 of the session, which waits for the host's go (sent once the host has moved
-    both into the session's cgroups), enters the other namespaces and drops to the session.
-    Returns both pids (in the template's pid namespace)."""
-    req, resp, go, err = fds
-    init = spawn_session_init(request, err)
-    pidfd = os.pidfd_open(init)
-    pid = -1
-    try:
-        kernel.setns(pidfd, CLONE_NEWPID)  # for the next child only: the template stays where it is
-        try:
-            pid = os.fork()
-        finally:
-            if pid != 0:
-                kernel.setns(own_pid_namespace, CLONE_NEWPID)
-    except BaseException:
-        os.close(pidfd)
-        os.kill(init, signal.SIGKILL)
-        raise
-    if pid:
-        os.close(pidfd)
-        for fd in fds:
-            os.close(fd)
-        return init, pid
+def session_child(agent, kernel, program, forked):
+    """Pid 2 of a new session, just forked by the native loop: waits for the host's go (sent
+    once the host has moved it and pid 1 into the session's cgroups), enters the session's other
+    namespaces, gives it /mnt/data and becomes its agent."""
     global _template_pid
     _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
     try:
+        ctypes.pythonapi.PyOS_AfterFork_Child()  # what os.fork does in its child
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        control.close()
-        os.close(own_pid_namespace)
-        if os.read(go, 1) != b"g":
+        if os.read(forked.go_fd, 1) != b"g":
             os._exit(0)  # the host gave up on this session
-        kernel.setns(pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-        os.dup2(req, REQUEST_FD)
-        os.dup2(resp, RESPONSE_FD)
+        kernel.setns(forked.init_pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+        os.chown("/mnt/data", forked.uid, forked.uid)  # pid 1 mounted it before the session was known
+        os.dup2(forked.request_fd, REQUEST_FD)
+        os.dup2(forked.response_fd, RESPONSE_FD)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        os.dup2(err, 2)
+        os.dup2(forked.stderr_fd, 2)
         close_fds_except({0, 1, 2, REQUEST_FD, RESPONSE_FD})
-        session_agent(agent, kernel, program, request)
+        session_agent(agent, kernel, program, {"uid": forked.uid})
     except BaseException:
         log("session set-up failed: %s" % traceback.format_exc())
     os._exit(1)
@@ -1668,13 +1624,17 @@ def reap_children(signum=None, frame=None):
             return
 
 
-def template_main():
-    import socket
+def template_main(forker_fds):
+    """The pool's fork template: warms the interpreter once, then forks sessions on request
+    (`serve_forks`). The host gives it one control socket per forker: fd 3, and the
+    `forker_fds`. Each further forker is a fork of the warm template, taken before any request,
+    and serves its own socket, so that sessions fork on every core at once."""
     global _diag_fd, _template_pid
     _template_pid = os.getpid()
     _diag_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 10)
-    control = socket.socket(fileno=TEMPLATE_CONTROL_FD)
-    os.set_inheritable(control.fileno(), False)
+    controls = [TEMPLATE_CONTROL_FD] + list(forker_fds)
+    for fd in controls:
+        os.set_inheritable(fd, False)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -1682,6 +1642,11 @@ def template_main():
     with open(SECCOMP_PROGRAM, "rb") as f:
         program = f.read()
     kernel = Kernel()
+    # The fork loop (Sources/SandpiperForker), loaded before the warm-up so its pages are shared.
+    forker = ctypes.PyDLL(FORKER_LIBRARY)
+    forker.sandpiper_forker_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                              ctypes.POINTER(Forked)]
+    forker.sandpiper_forker_serve.restype = ctypes.c_int
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
         io.open(1, "wb", closefd=False), encoding="utf-8", errors="backslashreplace",
         line_buffering=True)
@@ -1706,34 +1671,37 @@ def template_main():
     gc.collect()
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
     kernel.collapse_to_huge_pages()
-    # Each session's pid 1 outlives the sandpiper-init that forked it: reaped here.
-    kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
-    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, reap_children)
-    control.send(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 8)
-        except InterruptedError:
-            continue
-        if not message:
-            os._exit(0)  # the host is gone
-        reply = {"type": "error", "message": "bad request"}
-        try:
-            request = json.loads(message)
-            if request.get("type") == "fork" and len(fds) == 4:
-                init, pid = fork_session(agent, kernel, program, control, own_pid_namespace, request, fds)
-                reply = {"type": "forked", "pid": init, "agent": pid}
-                fds = []
-        except Exception as e:
-            reply = {"type": "error", "message": repr(e)}
-        for fd in fds:
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    mine = controls[0]
+    for fd in controls[1:]:
+        if os.fork() == 0:
+            _template_pid = os.getpid()
+            mine = fd
+            break
+    for fd in controls:
+        if fd != mine:
             os.close(fd)
-        control.send(json.dumps(reply).encode())
+    # Each session's pid 1 outlives the sandpiper-init that spawned it: reaped by its forker
+    # (a forker that dies leaves them to the first one, the parent of the others).
+    kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
+    serve_forks(forker, mine, agent, kernel, program, own_pid_namespace)
+
+
+def serve_forks(forker, control, agent, kernel, program, own_pid_namespace):
+    """One forker: says it is ready, then forks a session per request in the native loop, which
+    returns only in each forked session (or when the host is gone)."""
+    os.write(control, json.dumps({"type": "ready", "pid": os.getpid()}).encode())
+    forked = Forked()
+    status = forker.sandpiper_forker_serve(control, own_pid_namespace, SESSION_INIT.encode(),
+                                           ctypes.byref(forked))
+    if status != 1:
+        os._exit(0 if status == 0 else 1)
+    session_child(agent, kernel, program, forked)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--template"]:
-        template_main()
+    if sys.argv[1:2] == ["--template"]:
+        template_main([int(fd) for fd in sys.argv[2:]])
     else:
         main()

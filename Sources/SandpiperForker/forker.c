@@ -1,0 +1,304 @@
+// The fork loop of a warm Python fork template (docs/architecture.md, "Warm-fork sessions").
+//
+// The template (agent.py --template) imports the Python stack once, then each of its forkers
+// calls `sandpiper_forker_serve` (through ctypes) and never returns to Python in the forker: a
+// Python loop wrote ~230 pages of the interpreter between two forks (reference counts, frames,
+// the JSON of each request), each a copy-on-write fault once the previous session shared it,
+// and split the huge pages the next fork would have copied as one entry each. This loop writes
+// its own stack and a few globals.
+//
+// Per request on the control socket (one seqpacket message, the host's JSON
+// `{"type":"fork","uid":U,"tmpBytes":T,"diskBytes":D,"initUid":I}` with four descriptors: the
+// agent's request and response pipes, the host's go pipe and the session's stderr):
+//   1. takes a session init spawned ahead (sandpiper-init TMP DISK INIT_UID: new namespaces,
+//      mounts, pid 1 confined; see Sources/sandpiper-init/main.c), or spawns one now;
+//   2. enters its pid namespace for the next child only (setns on a pidfd) and forks: the child
+//      is pid 2 of the session and returns 1 to Python, which waits for the host's go, enters
+//      the session's other namespaces and becomes its agent;
+//   3. answers `{"type":"forked","pid":INIT,"agent":AGENT}` (pids as the template's pid
+//      namespace numbers them) or `{"type":"error","message":...}`, then spawns the inits of
+//      the next sessions, so that they set up on another core while this one forks.
+// Children that end (the inits' first processes, sessions' pid 1s it is the subreaper of,
+// agents) are reaped here.
+#define _GNU_SOURCE
+#include "sandpiper_forker.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define AHEAD 2
+#define INIT_TIMEOUT_MS 10000
+#define MAX_MESSAGE 4096
+#define MAX_FDS 8
+
+struct init_key {
+    long long tmp_bytes;
+    long long disk_bytes;
+    long long init_uid;
+};
+
+struct spawned_init {
+    struct init_key key;
+    int report;
+};
+
+static struct spawned_init ahead[AHEAD];
+static int ahead_count;
+
+static void reap(void) {
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+}
+
+static void discard_ahead(void) {
+    // Closing an init's report pipe ends it, and its namespaces with it.
+    for (int i = 0; i < ahead_count; i++) close(ahead[i].report);
+    ahead_count = 0;
+}
+
+static int spawn_init(const char *path, struct init_key key) {
+    if (ahead_count == AHEAD) return 0;
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0) return -1;
+    char numbers[3][24];
+    snprintf(numbers[0], sizeof(numbers[0]), "%lld", key.tmp_bytes);
+    snprintf(numbers[1], sizeof(numbers[1]), "%lld", key.disk_bytes);
+    snprintf(numbers[2], sizeof(numbers[2]), "%lld", key.init_uid);
+    char *argv[] = {(char *)path, numbers[0], numbers[1], numbers[2], NULL};
+    char *envp[] = {NULL};
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, report[1], 3);
+    pid_t pid;
+    int failed = posix_spawn(&pid, path, &actions, NULL, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    close(report[1]);
+    if (failed != 0) {
+        close(report[0]);
+        errno = failed;
+        return -1;
+    }
+    ahead[ahead_count].key = key;
+    ahead[ahead_count].report = report[0];
+    ahead_count++;
+    return 0;
+}
+
+// Pid 1 of a new session, from the first init ahead (spawned now if there is none with these
+// limits). 0 or -1 with `error` set.
+static int take_init(const char *path, struct init_key key, pid_t *init, char *error, size_t size) {
+    if (ahead_count == 0 || memcmp(&ahead[0].key, &key, sizeof(key)) != 0) {
+        discard_ahead();
+        if (spawn_init(path, key) != 0) {
+            snprintf(error, size, "cannot spawn sandpiper-init: %s", strerror(errno));
+            return -1;
+        }
+    }
+    int report = ahead[0].report;
+    memmove(&ahead[0], &ahead[1], sizeof(ahead[0]) * (size_t)(ahead_count - 1));
+    ahead_count--;
+    char said[600];
+    size_t length = 0;
+    int waited = 0;
+    for (;;) {
+        struct pollfd wait = {report, POLLIN, 0};
+        int ready = poll(&wait, 1, 100);
+        if (ready < 0 && errno != EINTR) break;
+        if (ready <= 0) {
+            waited += ready == 0 ? 100 : 0;
+            if (waited >= INIT_TIMEOUT_MS) {
+                close(report);
+                snprintf(error, size, "sandpiper-init did not report in %d s", INIT_TIMEOUT_MS / 1000);
+                return -1;
+            }
+            continue;
+        }
+        ssize_t got = read(report, said + length, sizeof(said) - 1 - length);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break;
+        length += (size_t)got;
+        if (length == sizeof(said) - 1) break;
+    }
+    close(report);
+    said[length] = '\0';
+    while (length > 0 && (said[length - 1] == '\n' || said[length - 1] == ' ')) said[--length] = '\0';
+    char *end = NULL;
+    long value = strtol(said, &end, 10);
+    if (length == 0 || *end != '\0' || value <= 0) {
+        snprintf(error, size, "sandpiper-init: %s", length == 0 ? "no report" : said);
+        return -1;
+    }
+    *init = (pid_t)value;
+    return 0;
+}
+
+// `"key":<integer>` in the host's JSON (written by the host, never by a session).
+static int json_number(const char *text, const char *key, long long *out) {
+    char pattern[64];
+    snprintf(pattern, sizeof(pattern), "\"%s\":", key);
+    const char *at = strstr(text, pattern);
+    if (at == NULL) return -1;
+    at += strlen(pattern);
+    while (*at == ' ') at++;
+    char *end = NULL;
+    errno = 0;
+    long long value = strtoll(at, &end, 10);
+    if (end == at || errno != 0) return -1;
+    *out = value;
+    return 0;
+}
+
+static int answer(int control, const char *text) {
+    return send(control, text, strlen(text), MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+static int answer_error(int control, const char *format, ...) {
+    char message[400];
+    va_list arguments;
+    va_start(arguments, format);
+    vsnprintf(message, sizeof(message), format, arguments);
+    va_end(arguments);
+    char text[900];
+    size_t length = (size_t)snprintf(text, sizeof(text), "{\"type\":\"error\",\"message\":\"");
+    for (const char *c = message; *c != '\0' && length < sizeof(text) - 8; c++) {
+        if (*c == '"' || *c == '\\') text[length++] = '\\';
+        text[length++] = (unsigned char)*c < 0x20 ? ' ' : *c;
+    }
+    snprintf(text + length, sizeof(text) - length, "\"}");
+    return answer(control, text);
+}
+
+// One request: its text and up to MAX_FDS descriptors (close-on-exec here). The length, 0 when
+// the host closed the socket, -1 on an error.
+static ssize_t receive(int control, char *message, size_t size, int *fds, int *count) {
+    union {
+        char buffer[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } control_data;
+    struct iovec data = {message, size};
+    struct msghdr header = {0};
+    header.msg_iov = &data;
+    header.msg_iovlen = 1;
+    header.msg_control = control_data.buffer;
+    header.msg_controllen = sizeof(control_data.buffer);
+    ssize_t got = recvmsg(control, &header, MSG_CMSG_CLOEXEC);
+    *count = 0;
+    if (got < 0) return -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); c != NULL; c = CMSG_NXTHDR(&header, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *received = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < n; i++) {
+            if (*count < MAX_FDS) {
+                fds[(*count)++] = received[i];
+            } else {
+                close(received[i]);
+            }
+        }
+    }
+    if (header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        for (int i = 0; i < *count; i++) close(fds[i]);
+        *count = 0;
+        errno = EMSGSIZE;
+        return -1;
+    }
+    return got;
+}
+
+int sandpiper_forker_serve(int control, int own_pid_namespace, const char *session_init,
+                           struct sandpiper_forked *forked) {
+    char message[MAX_MESSAGE + 1];
+    for (;;) {
+        reap();
+        struct pollfd wait = {control, POLLIN, 0};
+        int ready = poll(&wait, 1, 1000);
+        if (ready < 0 && errno != EINTR) return -1;
+        if (ready <= 0) continue;
+        int fds[MAX_FDS];
+        int count = 0;
+        ssize_t got = receive(control, message, MAX_MESSAGE, fds, &count);
+        if (got < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            if (errno == EMSGSIZE) {
+                if (answer_error(control, "request too large") != 0) return 0;
+                continue;
+            }
+            return -1;
+        }
+        if (got == 0) return 0;  // the host is gone
+        message[got] = '\0';
+        long long uid = 0;
+        struct init_key key = {0, 0, 0};
+        if (strstr(message, "\"type\":\"fork\"") == NULL || count != 4 || json_number(message, "uid", &uid) != 0 ||
+            json_number(message, "tmpBytes", &key.tmp_bytes) != 0 ||
+            json_number(message, "diskBytes", &key.disk_bytes) != 0 ||
+            json_number(message, "initUid", &key.init_uid) != 0 || uid <= 0 || uid > 65535) {
+            for (int i = 0; i < count; i++) close(fds[i]);
+            if (answer_error(control, "bad request") != 0) return 0;
+            continue;
+        }
+        pid_t init = 0;
+        char error[400];
+        int pidfd = -1;
+        if (take_init(session_init, key, &init, error, sizeof(error)) == 0) {
+            pidfd = (int)syscall(SYS_pidfd_open, init, 0);
+            if (pidfd < 0) snprintf(error, sizeof(error), "pidfd_open: %s", strerror(errno));
+        }
+        // For the next child only: this process stays in its own pid namespace.
+        if (pidfd >= 0 && setns(pidfd, CLONE_NEWPID) != 0) {
+            snprintf(error, sizeof(error), "setns: %s", strerror(errno));
+            close(pidfd);
+            pidfd = -1;
+        }
+        if (pidfd < 0) {
+            if (init > 0) kill(init, SIGKILL);
+            for (int i = 0; i < count; i++) close(fds[i]);
+            if (answer_error(control, "%s", error) != 0) return 0;
+            continue;
+        }
+        pid_t agent = fork();
+        if (agent == 0) {
+            close(control);
+            close(own_pid_namespace);
+            discard_ahead();
+            forked->uid = (int)uid;
+            forked->request_fd = fds[0];
+            forked->response_fd = fds[1];
+            forked->go_fd = fds[2];
+            forked->stderr_fd = fds[3];
+            forked->init_pidfd = pidfd;
+            return 1;
+        }
+        int fork_error = errno;
+        // Back to its own pid namespace for the next inits: without it, the loop cannot go on.
+        if (setns(own_pid_namespace, CLONE_NEWPID) != 0) return -1;
+        close(pidfd);
+        for (int i = 0; i < count; i++) close(fds[i]);
+        if (agent < 0) {
+            kill(init, SIGKILL);
+            if (answer_error(control, "fork: %s", strerror(fork_error)) != 0) return 0;
+            continue;
+        }
+        char reply[128];
+        snprintf(reply, sizeof(reply), "{\"type\":\"forked\",\"pid\":%d,\"agent\":%d}", (int)init, (int)agent);
+        if (answer(control, reply) != 0) return 0;
+        while (ahead_count < AHEAD) {
+            if (spawn_init(session_init, key) != 0) {
+                dprintf(2, "sandpiper-forker: cannot spawn sandpiper-init ahead: %s\n", strerror(errno));
+                break;
+            }
+        }
+    }
+}
