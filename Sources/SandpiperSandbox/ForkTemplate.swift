@@ -27,9 +27,10 @@ actor ForkTemplate {
     private let logger: Logger
     private var running: Running?
     private var starting: Task<Running, any Error>?
-    /// Fork requests waiting or running on each forker's socket: a request goes to the least
-    /// busy forker.
-    private var inFlight: [Int] = []
+    /// Fork requests waiting or running per forker (by control socket), and the forkers found
+    /// dead, of the running template: a request goes to the live forker with the fewest.
+    private var load: [Int32: Int] = [:]
+    private var deadForkers: Set<Int32> = []
     /// When the last start failed: no new attempt for `retryDelay` (the pool falls back to exec).
     private var failedAt: ContinuousClock.Instant?
     static let retryDelay: Duration = .seconds(30)
@@ -86,34 +87,43 @@ actor ForkTemplate {
         // The template takes them as: requests, responses, go, stderr.
         let ordered = [fds[0], fds[1], go.read, fds[2]]
         // The round trip blocks (a forker forks one session at a time): on NIO's blocking pool,
-        // never on a cooperative thread, and one request at a time on a forker's socket.
-        if inFlight.count != running.controls.count { inFlight = Array(repeating: 0, count: running.controls.count) }
-        let forker = inFlight.indices.min { inFlight[$0] < inFlight[$1] } ?? 0
-        let (control, exchange) = running.controls[forker]
-        inFlight[forker] += 1
-        func done() {
-            if forker < inFlight.count { inFlight[forker] = max(0, inFlight[forker] - 1) }
-        }
-        let sent: Int
-        let answer: Result<[UInt8], ControlExchange.ReadFailure>
-        do {
-            (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
-                exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
+        // never on a cooperative thread, and one request at a time on a forker's socket. A forker
+        // the request could not even reach is dead: the next live one takes it.
+        var bytes: [UInt8] = []
+        while bytes.isEmpty {
+            let live = running.controls.filter { !deadForkers.contains($0.socket) }
+            guard let (control, exchange) = live.min(by: { load[$0.socket, default: 0] < load[$1.socket, default: 0] })
+            else { throw templateDied("every forker of the template is gone", id: running.id) }
+            load[control, default: 0] += 1
+            let sent: Int
+            let answer: Result<[UInt8], ControlExchange.ReadFailure>
+            do {
+                (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
+                    exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
+                }
+                load[control] = max(0, load[control, default: 1] - 1)
+            } catch {
+                load[control] = max(0, load[control, default: 1] - 1)
+                throw error
             }
-            done()
-        } catch {
-            done()
-            throw error
-        }
-        guard sent == payload.count else { throw templateDied("cannot send a fork request") }
-        guard case .success(let bytes) = answer else {
-            if case .failure(let failure) = answer {
-                throw templateDied(failure.count == 0 ? "the template exited" : "the template did not answer in time")
+            guard sent == payload.count else {
+                let error = forkerDied(control, of: running.id)
+                if self.running?.id == running.id, !deadForkers.isSuperset(of: running.controls.map(\.socket)) {
+                    continue
+                }
+                throw error
             }
-            throw templateDied("the template did not answer")
+            switch answer {
+            case .success(let reply): bytes = reply
+            case .failure(let failure) where failure.count != 0:
+                throw templateDied("the template did not answer in time", id: running.id)
+            case .failure:
+                // It died holding the request: the launch starts again (new pipes, new go).
+                throw forkerDied(control, of: running.id)
+            }
         }
         guard let reply = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)) else {
-            throw templateDied("the template sent a malformed message")
+            throw templateDied("the template sent a malformed message", id: running.id)
         }
         guard case .object(let fields) = reply, fields["type"] == .string("forked"),
             case .integer(let initPID) = fields["pid"], case .integer(let agentPID) = fields["agent"]
@@ -194,6 +204,8 @@ actor ForkTemplate {
             if starting != nil {
                 starting = nil
                 running = started
+                load = [:]
+                deadForkers = []
                 failedAt = nil
             }
         } catch {
@@ -209,7 +221,30 @@ actor ForkTemplate {
         await Self.remove(running, backend: backend)
     }
 
-    private func templateDied(_ what: String) -> SandpiperError {
+    /// A forker whose socket failed: it leaves the rotation (the sessions it forked live on:
+    /// they are their own pid 1s' now). The template goes when it was the last; the first
+    /// forker's death ends the template anyway (bubblewrap exits with it).
+    private func forkerDied(_ control: Int32, of template: String) -> SandpiperError {
+        guard running?.id == template else {
+            return SandpiperError(.unavailable, code: Self.goneCode, "the pool's template was replaced")
+        }
+        deadForkers.insert(control)
+        if let running, running.controls.allSatisfy({ deadForkers.contains($0.socket) }) {
+            return templateDied("the template's forkers exited", id: template)
+        }
+        logger.error(
+            "a forker of the fork template exited; the others go on",
+            metadata: ["said": "\((running?.stderrTail.text ?? "").suffix(500))"]
+        )
+        return SandpiperError(.unavailable, code: Self.goneCode, "a forker of the pool's template exited")
+    }
+
+    /// Removes the running template, when it is still `id` (nil: whichever runs): a caller that
+    /// found its template dead after another had replaced it must not remove the new one.
+    private func templateDied(_ what: String, id: String? = nil) -> SandpiperError {
+        if let id, running?.id != id {
+            return SandpiperError(.unavailable, code: Self.goneCode, "\(what): the pool's template was replaced")
+        }
         let said = running?.stderrTail.text ?? ""
         logger.error(
             "the fork template died; it restarts on the next session",

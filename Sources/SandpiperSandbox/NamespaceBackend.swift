@@ -418,11 +418,12 @@ public final class NamespaceBackend: SandboxBackend {
         }
         if spec.pool.forks {
             let template = template(for: spec.pool)
-            // A template found dead is restarted once, for this very launch.
-            for attempt in 0..<2 where await template.available {
+            // A template (or forker) found dead is restarted for this very launch; a launch that
+            // raced another's restart tries once more.
+            for attempt in 0..<3 where await template.available {
                 do {
                     return try await NamespaceSandbox.launchForked(spec: spec, backend: self, template: template)
-                } catch let error as SandpiperError where error.code == ForkTemplate.goneCode && attempt == 0 {
+                } catch let error as SandpiperError where error.code == ForkTemplate.goneCode && attempt < 2 {
                     continue
                 } catch let error as SandpiperError where error.code == ForkTemplate.unavailableCode {
                     logger.warning(
@@ -436,11 +437,11 @@ public final class NamespaceBackend: SandboxBackend {
         return try await NamespaceSandbox.launch(spec: spec, backend: self)
     }
 
-    /// Forked launches spend most of their time waiting (the template forks one at a time; a
-    /// session sets itself up in a few ms): more of them overlap. Exec launches keep two.
+    /// Forked launches spend most of their time waiting (each forker forks one session at a
+    /// time; a session sets itself up in a few ms): more of them overlap. Exec launches keep two.
     public func refillParallelism(for pool: PoolConfiguration) async -> Int {
         guard pool.forks else { return 2 }
-        return await template(for: pool).available ? 12 : 2
+        return await template(for: pool).available ? 6 : 2
     }
 
     /// Stops the fork templates and removes this server's (now empty) parent cgroups.

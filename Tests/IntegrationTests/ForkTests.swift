@@ -306,6 +306,70 @@ struct ForkTests {
         }
     }
 
+    /// A template forks on one forker per core. Concurrent launches use them all; a forker that
+    /// dies leaves the rotation (the sessions it forked live on) and the next launches fork on
+    /// the others, without a new template.
+    @Test("Concurrent launches fork on every forker; one that dies leaves its sessions and the template running")
+    func forkers() async throws {
+        try await withFixture { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let first = try await fixture.launch(pool)  // the template starts once
+            let sessions = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
+                for _ in 0..<6 { group.addTask { try await fixture.launch(pool) } }
+                var all: [NamespaceSandbox] = []
+                for try await session in group { all.append(session) }
+                return all
+            }
+            func parent(_ pid: pid_t) -> pid_t? {
+                let line = (SystemFile.read("/proc/\(pid)/status") ?? "").split(separator: "\n").first {
+                    $0.hasPrefix("PPid:")
+                }
+                return line.flatMap { pid_t($0.dropFirst(5).trimmingCharacters(in: .whitespaces)) }
+            }
+            var forkerOf: [String: pid_t] = [:]
+            for session in sessions {
+                let agent = try #require(
+                    fixture.backend.cgroups.pids(sandboxID: session.id).first {
+                        SystemFile.namespacePIDs(of: $0)?.last == 2
+                    }
+                )
+                forkerOf[session.id] = try #require(parent(agent))
+            }
+            let forkers = Set(forkerOf.values)
+            #expect(forkers.count >= min(ForkTemplate.forkerCount, 2), "forked by \(forkers) only")
+            #expect(forkers.count <= ForkTemplate.forkerCount)
+            // Not the first forker: bubblewrap's child, whose end is the template's (tested above).
+            let others = forkers.filter { forker in forkers.contains { parent(forker) == $0 } }
+            guard ForkTemplate.forkerCount > 1 else {
+                for session in [first] + sessions { await session.destroy() }
+                return
+            }
+            let victim = try #require(others.first, "no session was forked by a forker other than the first")
+            let template = try #require(await fixture.backend.template(for: pool).sandboxID)
+            kill(victim, SIGKILL)
+            while kill(victim, 0) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            // Launches go on, on the forkers left, in the same template.
+            let after = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
+                for _ in 0..<4 { group.addTask { try await fixture.launch(pool) } }
+                var all: [NamespaceSandbox] = []
+                for try await session in group { all.append(session) }
+                return all
+            }
+            for session in after {
+                #expect(try await session.run("6 * 7").result == .integer(42))
+            }
+            #expect(await fixture.backend.template(for: pool).sandboxID == template)
+            // What the dead forker forked still runs.
+            for session in sessions where forkerOf[session.id] == victim {
+                #expect(try await session.run("1 + 1").result == .integer(2))
+            }
+            for session in [first] + sessions + after {
+                await session.destroy()
+                try await fixture.expectNoTraces(of: session)
+            }
+        }
+    }
+
     @Test("A pool whose template cannot start runs its sessions with exec")
     func fallback() async throws {
         try await withFixture(templateStartupTimeout: .milliseconds(1)) { fixture in

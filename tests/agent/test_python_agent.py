@@ -130,6 +130,19 @@ def test_no_expression_and_none(agent):
     assert r["result"] == ""
 
 
+def test_plain_results_follow_registered_printers(agent):
+    # int, bool and str results skip IPython's formatters, unless a printer is registered.
+    assert ok(agent.execute("7"))["jupyterResult"] == "7"
+    assert ok(agent.execute("'a\\nb'"))["jupyterResult"] == "'a\\nb'"
+    ok(agent.execute("_fmt = get_ipython().display_formatter.formatters['text/plain']\n"
+                     "_old = _fmt.for_type(int, lambda o, p, cycle: p.text('INT %d' % o))"))
+    r = ok(agent.execute("7"))
+    assert r["result"] == 7 and r["jupyterResult"] == "INT 7"
+    assert ok(agent.execute("'s'"))["jupyterResult"] == "'s'"
+    ok(agent.execute("_fmt.for_type(int, _old)"))
+    assert ok(agent.execute("8"))["jupyterResult"] == "8"
+
+
 def test_primitive_results(agent):
     r = ok(agent.execute("float('nan')"))
     assert r["result"] is None and r["jupyterResult"] == "nan"
@@ -412,6 +425,17 @@ def test_timeout_of_blocking_child_process(agent):
     assert r["timedOut"] is True
     assert r["stderr"].rstrip("\n").endswith("execution exceeded 1 seconds and was interrupted")
     assert ok(agent.execute("survivor"))["result"] == "still here"
+
+
+def test_timeout_kills_only_what_the_cell_started(agent):
+    # A process started by an earlier cell outlives a later cell's timeout; the later cell's own
+    # child does not. (A cell without any child before it skips the scan of /proc.)
+    ok(agent.execute("import subprocess\nkeeper = subprocess.Popen(['sleep', '30'])"))
+    r = failed(agent.execute("import os\nos.system('sleep 100')", timeout_seconds=1))
+    assert r["timedOut"] is True
+    r = ok(agent.execute("keeper.poll() is None"))
+    assert r["result"] is True, "a child of an earlier cell was killed by a later cell's timeout"
+    ok(agent.execute("keeper.kill(); keeper.wait()"))
 
 
 def test_fractional_timeout_message(agent):
