@@ -43,15 +43,17 @@ let package = Package(
         // fork template inside its sandbox, where no Swift runtime is bound).
         .executableTarget(
             name: "sandpiper-init",
-            dependencies: ["CNoSwiftRuntime"],
+            dependencies: ["CNoSwiftRuntime", "SandpiperConfine"],
             linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xclang-linker", "-static", "-Xlinker", "-s"])]
         ),
         // Stand-ins for the Swift runtime in sandpiper-init and SandpiperForker, plain C (stubs.c).
         .target(name: "CNoSwiftRuntime"),
+        // How both confine a process to its session (uid, capabilities, seccomp).
+        .target(name: "SandpiperConfine"),
         // The fork loop of a Python fork template (C, loaded there with ctypes; no Swift runtime).
         .target(
             name: "SandpiperForker",
-            dependencies: ["CNoSwiftRuntime"],
+            dependencies: ["CNoSwiftRuntime", "SandpiperConfine"],
             linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "--as-needed", "-Xlinker", "-s"])]
         ),
         // The namespace sandbox backend (bubblewrap + seccomp + cgroups + tmpfs /mnt/data).

@@ -13,8 +13,11 @@
 //   1. takes a session init spawned ahead (sandpiper-init TMP DISK INIT_UID: new namespaces,
 //      mounts, pid 1 confined; see Sources/sandpiper-init/main.c), or spawns one now;
 //   2. enters its pid namespace for the next child only (setns on a pidfd) and forks: the child
-//      is pid 2 of the session and returns 1 to Python, which waits for the host's go, enters
-//      the session's other namespaces and becomes its agent;
+//      is pid 2 of the session. Still here, before any Python code, it waits for the host's go
+//      (sent once the host has moved it and pid 1 into the session's cgroups), enters the
+//      session's other namespaces, takes /mnt/data, its pipes (3 and 4), its limits and its
+//      uid under the session filter (`become_session`); then it returns 1 to Python, which
+//      becomes the session's agent;
 //   3. answers `{"type":"forked","pid":INIT,"agent":AGENT}` (pids as the template's pid
 //      namespace numbers them) or `{"type":"error","message":...}`, then spawns the inits of
 //      the next sessions, so that they set up on another core while this one forks.
@@ -22,6 +25,8 @@
 // agents) are reaped here.
 #define _GNU_SOURCE
 #include "sandpiper_forker.h"
+
+#include "sandpiper_confine.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -33,7 +38,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -56,15 +63,29 @@ struct spawned_init {
 
 static struct spawned_init ahead[AHEAD];
 static int ahead_count;
+static struct sandpiper_filter session_filter;
 
 static void reap(void) {
     while (waitpid(-1, NULL, WNOHANG) > 0) {
     }
 }
 
-static void discard_ahead(void) {
-    // Closing an init's report pipe ends it, and its namespaces with it.
+// In a forked session: the inits ahead are its forker's, not its own to end.
+static void forget_ahead(void) {
     for (int i = 0; i < ahead_count; i++) close(ahead[i].report);
+    ahead_count = 0;
+}
+
+static int read_report(int report, pid_t *init, char *error, size_t size);
+
+// Ends the inits spawned ahead (a request with other limits): each is set up and reports its
+// pid 1, whose death ends its namespaces.
+static void discard_ahead(void) {
+    for (int i = 0; i < ahead_count; i++) {
+        pid_t init = 0;
+        char error[400];
+        if (read_report(ahead[i].report, &init, error, sizeof(error)) == 0) kill(init, SIGKILL);
+    }
     ahead_count = 0;
 }
 
@@ -109,6 +130,11 @@ static int take_init(const char *path, struct init_key key, pid_t *init, char *e
     int report = ahead[0].report;
     memmove(&ahead[0], &ahead[1], sizeof(ahead[0]) * (size_t)(ahead_count - 1));
     ahead_count--;
+    return read_report(report, init, error, size);
+}
+
+// An init's report: its pid 1's pid, or why it failed. Closes `report`. 0 or -1 with `error`.
+static int read_report(int report, pid_t *init, char *error, size_t size) {
     char said[600];
     size_t length = 0;
     int waited = 0;
@@ -217,9 +243,65 @@ static ssize_t receive(int control, char *message, size_t size, int *fds, int *c
     return got;
 }
 
-int sandpiper_forker_serve(int control, int own_pid_namespace, const char *session_init,
-                           struct sandpiper_forked *forked) {
+// Pid 2 of a new session, just forked, before any Python code runs in it (each line of Python
+// here cost page copies: ~180 for this part). `fds`: the agent's request and response pipes,
+// the host's go pipe, the session's stderr. Returns only when the process is the session's.
+static void become_session(int fds[4], int init_pidfd, uid_t uid) {
+    char error[512];
+    char go = 0;
+    ssize_t got;
+    do {
+        got = read(fds[2], &go, 1);
+    } while (got < 0 && errno == EINTR);
+    if (got != 1 || go != 'g') _exit(0);  // the host gave up on this session
+    if (setns(init_pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS) != 0) {
+        snprintf(error, sizeof(error), "setns: %s", strerror(errno));
+        goto failed;
+    }
+    // pid 1 mounted it before the session was known
+    if (chown("/mnt/data", uid, uid) != 0) {
+        snprintf(error, sizeof(error), "chown /mnt/data: %s", strerror(errno));
+        goto failed;
+    }
+    // The agent's pipes on 3 and 4, /dev/null on 0 and 1, the session's stderr on 2; nothing else.
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    int request = fcntl(fds[0], F_DUPFD_CLOEXEC, 10);
+    int response = fcntl(fds[1], F_DUPFD_CLOEXEC, 10);
+    int err = fcntl(fds[3], F_DUPFD_CLOEXEC, 10);
+    // (The pipes' copies are above 9; /dev/null, whatever number from 3 up it got, goes first.)
+    if (null < 0 || request < 0 || response < 0 || err < 0 || dup2(null, 0) != 0 || dup2(null, 1) != 1 ||
+        dup2(err, 2) != 2 || dup2(request, 3) != 3 || dup2(response, 4) != 4) {
+        snprintf(error, sizeof(error), "descriptors: %s", strerror(errno));
+        goto failed;
+    }
+    if (syscall(SYS_close_range, 5, ~0U, 0) != 0) {
+        for (int fd = 5; fd < 65536; fd++) close(fd);
+    }
+    setsid();
+    struct rlimit files = {4096, 4096};
+    struct rlimit core = {0, 0};
+    if (setrlimit(RLIMIT_NOFILE, &files) != 0 || setrlimit(RLIMIT_CORE, &core) != 0) {
+        snprintf(error, sizeof(error), "setrlimit: %s", strerror(errno));
+        goto failed;
+    }
+    if (sandpiper_confine(uid, &session_filter, 0, error, sizeof(error)) != 0) goto failed;
+    if (chdir("/mnt/data") != 0) {
+        snprintf(error, sizeof(error), "chdir /mnt/data: %s", strerror(errno));
+        goto failed;
+    }
+    return;
+failed:
+    dprintf(2, "sandpiper-forker: session set-up failed: %s\n", error);
+    _exit(1);
+}
+
+int sandpiper_forker_serve(int control, int own_pid_namespace, const char *session_init) {
     char message[MAX_MESSAGE + 1];
+    char loaded[512];
+    if (sandpiper_read_filter(SANDPIPER_SECCOMP_PROGRAM, &session_filter, loaded, sizeof(loaded)) != 0) {
+        dprintf(2, "sandpiper-forker: %s\n", loaded);
+        return -1;
+    }
     for (;;) {
         reap();
         struct pollfd wait = {control, POLLIN, 0};
@@ -272,13 +354,8 @@ int sandpiper_forker_serve(int control, int own_pid_namespace, const char *sessi
         if (agent == 0) {
             close(control);
             close(own_pid_namespace);
-            discard_ahead();
-            forked->uid = (int)uid;
-            forked->request_fd = fds[0];
-            forked->response_fd = fds[1];
-            forked->go_fd = fds[2];
-            forked->stderr_fd = fds[3];
-            forked->init_pidfd = pidfd;
+            forget_ahead();
+            become_session(fds, pidfd, (uid_t)uid);
             return 1;
         }
         int fork_error = errno;

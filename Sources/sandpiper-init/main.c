@@ -22,8 +22,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -38,12 +36,11 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <grp.h>
 #include <unistd.h>
 
+#include "sandpiper_confine.h"
+
 #define REPORT_FD 3
-#define SECCOMP_PROGRAM "/opt/sandpiper/seccomp.bpf"
-#define MAX_PROGRAM (64 * 1024)
 
 // One line to `fd` then exit: how both processes fail.
 static void fail(int fd, const char *format, ...) {
@@ -89,46 +86,11 @@ static void loopback_up(int fd) {
 
 // No capability, no way back, no seccomp-free moment in the session's life after this.
 static void drop_privileges(int fd, uid_t uid) {
-    struct sock_filter program[MAX_PROGRAM / sizeof(struct sock_filter)];
-    int source = open(SECCOMP_PROGRAM, O_RDONLY | O_CLOEXEC);
-    if (source < 0) fail(fd, "open %s: %s", SECCOMP_PROGRAM, strerror(errno));
-    size_t length = 0;
-    for (;;) {
-        ssize_t got = read(source, (char *)program + length, sizeof(program) - length);
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0) fail(fd, "read %s: %s", SECCOMP_PROGRAM, strerror(errno));
-        if (got == 0) break;
-        length += (size_t)got;
-        if (length == sizeof(program)) fail(fd, "%s is too large", SECCOMP_PROGRAM);
-    }
-    close(source);
-    if (length == 0 || length % sizeof(struct sock_filter) != 0) fail(fd, "%s is malformed", SECCOMP_PROGRAM);
-
-    int last = 63;
-    FILE *cap = fopen("/proc/sys/kernel/cap_last_cap", "re");
-    if (cap != NULL) {
-        if (fscanf(cap, "%d", &last) != 1) last = 63;
-        fclose(cap);
-    }
-    for (int i = 0; i <= last; i++) {
-        if (prctl(PR_CAPBSET_DROP, i, 0, 0, 0) != 0 && errno != EINVAL)
-            fail(fd, "drop capability %d: %s", i, strerror(errno));
-    }
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) fail(fd, "ambient: %s", strerror(errno));
-    if (setgroups(0, NULL) != 0) fail(fd, "setgroups: %s", strerror(errno));
-    if (setresgid(uid, uid, uid) != 0) fail(fd, "setresgid: %s", strerror(errno));
-    if (setresuid(uid, uid, uid) != 0) fail(fd, "setresuid: %s", strerror(errno));
-    // Leaving uid 0 cleared the permitted and effective sets; the inheritable set too:
-    struct {
-        unsigned int version;
-        int pid;
-    } header = {0x20080522, 0};
-    unsigned int data[6] = {0};
-    if (syscall(SYS_capset, &header, data) != 0) fail(fd, "capset: %s", strerror(errno));
-    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) fail(fd, "not dumpable: %s", strerror(errno));
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail(fd, "no_new_privs: %s", strerror(errno));
-    struct sock_fprog filter = {(unsigned short)(length / sizeof(struct sock_filter)), program};
-    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter, 0, 0) != 0) fail(fd, "seccomp: %s", strerror(errno));
+    static struct sandpiper_filter filter;
+    char error[512];
+    if (sandpiper_read_filter(SANDPIPER_SECCOMP_PROGRAM, &filter, error, sizeof(error)) != 0 ||
+        sandpiper_confine(uid, &filter, 1, error, sizeof(error)) != 0)
+        fail(fd, "%s", error);
 }
 
 // Pid 1 of the session: its mounts, its privileges dropped, then reaping until killed.

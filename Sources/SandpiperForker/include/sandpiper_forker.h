@@ -2,20 +2,10 @@
 #ifndef SANDPIPER_FORKER_H
 #define SANDPIPER_FORKER_H
 
-/// What a forked session's agent gets back: the session's uid (inside the template's user
-/// namespace), its pipes, and a pidfd of its pid 1.
-struct sandpiper_forked {
-    int uid;
-    int request_fd;
-    int response_fd;
-    int go_fd;
-    int stderr_fd;
-    int init_pidfd;
-};
-
 /// Serves fork requests on `control` (see forker.c). Returns 0 when the host closed the socket,
-/// -1 when the loop cannot go on; in each forked session it returns 1, with `forked` filled in.
-int sandpiper_forker_serve(int control, int own_pid_namespace, const char *session_init,
-                           struct sandpiper_forked *forked);
+/// -1 when the loop cannot go on. In each forked session it returns 1: the process is then the
+/// session's pid 2, confined (its uid, no capability, the session filter), in /mnt/data, with
+/// the agent's request pipe on fd 3, its response pipe on fd 4 and nothing else open but 0-2.
+int sandpiper_forker_serve(int control, int own_pid_namespace, const char *session_init);
 
 #endif

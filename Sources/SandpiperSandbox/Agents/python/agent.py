@@ -1452,63 +1452,36 @@ def main():
 #
 # The template runs as root of its own user namespace (inside a bubblewrap
 # sandbox, under a filter that still lets it unshare, mount and setns for its
-# children), imports and warms everything once, then makes one session per
-# request and never runs user code. Per session it spawns sandpiper-init (a
-# small static program: new mount, pid, net, ipc and uts namespaces, the
-# session's /proc, /tmp and /mnt/data, then the session's pid 1, already
-# dropped to the session's uid and filter, reaping orphans), then forks itself
-# once into those namespaces as the session's agent, which drops to the
-# session's uid, all capabilities, no_new_privs and the seccomp filter before
-# it runs anything of the user's.
+# children), imports and warms everything once, then forks into one forker per
+# core. Each forker runs the native fork loop (Sources/SandpiperForker): per
+# request it takes a session's pid 1 made by sandpiper-init (new mount, pid,
+# net, ipc and uts namespaces, the session's /proc, /tmp and /mnt/data, dropped
+# to the init uid and the session filter, reaping orphans) and forks itself once
+# into those namespaces as the session's agent, which the loop confines (the
+# session's uid, no capability, no_new_privs, the seccomp filter) before any of
+# its Python code, let alone the user's, runs.
 # ----------------------------------------------------------------------------
 
 TEMPLATE_CONTROL_FD = 3
-SECCOMP_PROGRAM = "/opt/sandpiper/seccomp.bpf"
 SESSION_INIT = "/opt/sandpiper/agents/sandpiper-init"
 FORKER_LIBRARY = "/opt/sandpiper/agents/libsandpiper-forker.so"
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
 MADV_COLLAPSE = 25
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
-PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, PR_SET_CHILD_SUBREAPER = 4, 2, 36
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class Kernel:
-    """The few system calls Python does not wrap, through ctypes; every prototype and
-    structure is made once, in the template, not per session."""
+    """The few system calls Python does not wrap, through ctypes (prototypes made once)."""
 
     def __init__(self):
-        import ctypes
-        self.ctypes = ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                                     ctypes.c_ulong, ctypes.c_ulong]
-        self.libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
         self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.last_capability = int(open("/proc/sys/kernel/cap_last_cap").read())
-
-        class Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-        class Data(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                        ("inheritable", ctypes.c_uint32)]
-
-        class Program(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-        self.capability_header, self.capability_data, self.filter_program = Header, Data, Program
 
     def check(self, result, what):
         if result != 0:
-            errno = self.ctypes.get_errno()
+            errno = ctypes.get_errno()
             raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
-
-    def setns(self, fd, nstype):
-        self.check(self.libc.setns(fd, nstype), "setns")
 
     def collapse_to_huge_pages(self):
         """Backs the heap's populated 2 MiB ranges with transparent huge pages (MADV_COLLAPSE,
@@ -1538,34 +1511,6 @@ class Kernel:
     def prctl(self, option, arg2=0, arg3=0):
         self.check(self.libc.prctl(option, arg2, arg3, 0, 0), "prctl %d" % option)
 
-    def drop_capabilities(self):
-        for cap in range(self.last_capability + 1):
-            self.prctl(PR_CAPBSET_DROP, cap)
-        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-
-    def clear_inheritable(self):
-        ctypes = self.ctypes
-        header = self.capability_header(0x20080522, 0)
-        data = (self.capability_data * 2)()
-        self.check(self.libc.capset(ctypes.byref(header), data), "capset")
-
-    def install_seccomp(self, program):
-        ctypes = self.ctypes
-        buffer = ctypes.create_string_buffer(program, len(program))
-        fprog = self.filter_program(len(program) // 8, ctypes.addressof(buffer))
-        self.prctl(PR_SET_NO_NEW_PRIVS, 1)
-        self.check(self.libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
-                                   ctypes.addressof(fprog), 0, 0), "seccomp")
-
-
-def drop_to(kernel, uid):
-    """Never to return: no capability, no way back, before any user code."""
-    kernel.drop_capabilities()
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    kernel.clear_inheritable()
-
 
 def reseed():
     """A forked session must not replay its siblings' random numbers."""
@@ -1579,24 +1524,8 @@ def reseed():
             pass
 
 
-def close_fds_except(keep):
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def session_agent(agent, kernel, program, request):
-    """Pid 2 of the session: the agent, as the session uid, under seccomp."""
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    drop_to(kernel, request["uid"])
-    kernel.install_seccomp(program)
-    os.chdir("/mnt/data")
+def session_agent(agent):
+    """Pid 2 of the session: the agent, as the session uid, under seccomp, in /mnt/data."""
     for var in ("IPYTHONDIR", "MPLCONFIGDIR"):
         try:
             os.makedirs(os.environ[var], exist_ok=True)
@@ -1623,33 +1552,15 @@ def session_agent(agent, kernel, program, request):
     os._exit(0)
 
 
-class Forked(ctypes.Structure):
-    """What `sandpiper_forker_serve` hands a forked session (Sources/SandpiperForker)."""
-    _fields_ = [(name, ctypes.c_int) for name in
-                ("uid", "request_fd", "response_fd", "go_fd", "stderr_fd", "init_pidfd")]
-
-
-def session_child(agent, kernel, program, forked):
-    """Pid 2 of a new session, just forked by the native loop: waits for the host's go (sent
-    once the host has moved it and pid 1 into the session's cgroups), enters the session's other
-    namespaces, gives it /mnt/data and becomes its agent."""
+def session_child(agent):
+    """Pid 2 of a new session, just forked: the native loop has confined it already (see
+    Sources/SandpiperForker/forker.c); it becomes the session's agent."""
     global _template_pid
     _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
     try:
         ctypes.pythonapi.PyOS_AfterFork_Child()  # what os.fork does in its child
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if os.read(forked.go_fd, 1) != b"g":
-            os._exit(0)  # the host gave up on this session
-        kernel.setns(forked.init_pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
-        os.chown("/mnt/data", forked.uid, forked.uid)  # pid 1 mounted it before the session was known
-        os.dup2(forked.request_fd, REQUEST_FD)
-        os.dup2(forked.response_fd, RESPONSE_FD)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        os.dup2(forked.stderr_fd, 2)
-        close_fds_except({0, 1, 2, REQUEST_FD, RESPONSE_FD})
-        session_agent(agent, kernel, program, {"uid": forked.uid})
+        session_agent(agent)
     except BaseException:
         log("session set-up failed: %s" % traceback.format_exc())
     os._exit(1)
@@ -1680,13 +1591,10 @@ def template_main(forker_fds):
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    with open(SECCOMP_PROGRAM, "rb") as f:
-        program = f.read()
     kernel = Kernel()
     # The fork loop (Sources/SandpiperForker), loaded before the warm-up so its pages are shared.
     forker = ctypes.PyDLL(FORKER_LIBRARY)
-    forker.sandpiper_forker_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
-                                              ctypes.POINTER(Forked)]
+    forker.sandpiper_forker_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
     forker.sandpiper_forker_serve.restype = ctypes.c_int
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
         io.open(1, "wb", closefd=False), encoding="utf-8", errors="backslashreplace",
@@ -1726,19 +1634,17 @@ def template_main(forker_fds):
     # Each session's pid 1 outlives the sandpiper-init that spawned it: reaped by its forker
     # (a forker that dies leaves them to the first one, the parent of the others).
     kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
-    serve_forks(forker, mine, agent, kernel, program, own_pid_namespace)
+    serve_forks(forker, mine, agent, own_pid_namespace)
 
 
-def serve_forks(forker, control, agent, kernel, program, own_pid_namespace):
+def serve_forks(forker, control, agent, own_pid_namespace):
     """One forker: says it is ready, then forks a session per request in the native loop, which
     returns only in each forked session (or when the host is gone)."""
     os.write(control, json.dumps({"type": "ready", "pid": os.getpid()}).encode())
-    forked = Forked()
-    status = forker.sandpiper_forker_serve(control, own_pid_namespace, SESSION_INIT.encode(),
-                                           ctypes.byref(forked))
+    status = forker.sandpiper_forker_serve(control, own_pid_namespace, SESSION_INIT.encode())
     if status != 1:
         os._exit(0 if status == 0 else 1)
-    session_child(agent, kernel, program, forked)
+    session_child(agent)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+// Confining a process to its session (see sandpiper_confine.h).
+#define _GNU_SOURCE
+#include "sandpiper_confine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size) {
+    int source = open(path, O_RDONLY | O_CLOEXEC);
+    if (source < 0) {
+        snprintf(error, size, "open %s: %s", path, strerror(errno));
+        return -1;
+    }
+    size_t length = 0;
+    char *bytes = (char *)filter->program;
+    for (;;) {
+        ssize_t got = read(source, bytes + length, sizeof(filter->program) - length);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            snprintf(error, size, "read %s: %s", path, strerror(errno));
+            close(source);
+            return -1;
+        }
+        if (got == 0) break;
+        length += (size_t)got;
+        if (length == sizeof(filter->program)) {
+            snprintf(error, size, "%s is too large", path);
+            close(source);
+            return -1;
+        }
+    }
+    close(source);
+    if (length == 0 || length % sizeof(struct sock_filter) != 0) {
+        snprintf(error, size, "%s is malformed", path);
+        return -1;
+    }
+    filter->length = (unsigned short)(length / sizeof(struct sock_filter));
+    return 0;
+}
+
+#define FAIL(...)                               \
+    do {                                        \
+        snprintf(error, size, __VA_ARGS__);     \
+        return -1;                              \
+    } while (0)
+
+int sandpiper_confine(uid_t uid, const struct sandpiper_filter *filter, int undumpable, char *error, size_t size) {
+    int last = 63;
+    FILE *cap = fopen("/proc/sys/kernel/cap_last_cap", "re");
+    if (cap != NULL) {
+        if (fscanf(cap, "%d", &last) != 1) last = 63;
+        fclose(cap);
+    }
+    for (int i = 0; i <= last; i++) {
+        if (prctl(PR_CAPBSET_DROP, i, 0, 0, 0) != 0 && errno != EINVAL)
+            FAIL("drop capability %d: %s", i, strerror(errno));
+    }
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) FAIL("ambient: %s", strerror(errno));
+    if (setgroups(0, NULL) != 0) FAIL("setgroups: %s", strerror(errno));
+    if (setresgid(uid, uid, uid) != 0) FAIL("setresgid: %s", strerror(errno));
+    if (setresuid(uid, uid, uid) != 0) FAIL("setresuid: %s", strerror(errno));
+    // Leaving uid 0 cleared the permitted and effective sets; the inheritable set too:
+    struct {
+        unsigned int version;
+        int pid;
+    } header = {0x20080522, 0};
+    unsigned int data[6] = {0};
+    if (syscall(SYS_capset, &header, data) != 0) FAIL("capset: %s", strerror(errno));
+    if (undumpable && prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("not dumpable: %s", strerror(errno));
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) FAIL("no_new_privs: %s", strerror(errno));
+    struct sock_fprog program = {filter->length, (struct sock_filter *)filter->program};
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program, 0, 0) != 0) FAIL("seccomp: %s", strerror(errno));
+    return 0;
+}

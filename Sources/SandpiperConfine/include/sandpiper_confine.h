@@ -1,0 +1,27 @@
+// Confining a process to its session: shared by sandpiper-init (each session's pid 1) and the
+// fork template's loop (each session's agent), so that both drop exactly the same way.
+#ifndef SANDPIPER_CONFINE_H
+#define SANDPIPER_CONFINE_H
+
+#include <linux/filter.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#define SANDPIPER_SECCOMP_PROGRAM "/opt/sandpiper/seccomp.bpf"
+#define SANDPIPER_MAX_FILTER (64 * 1024 / sizeof(struct sock_filter))
+
+/// A seccomp program as the host exported it (`sandpiper_seccomp_export_bpf`).
+struct sandpiper_filter {
+    unsigned short length;
+    struct sock_filter program[SANDPIPER_MAX_FILTER];
+};
+
+/// Reads the session filter from `path` into `filter`. 0, or -1 with `error` set.
+int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size);
+
+/// For the rest of this process's life: no capability in any set (bounding and ambient
+/// included), `uid`:`uid` with no supplementary group, no_new_privs, and `filter`. Not dumpable
+/// when `undumpable`. 0, or -1 with `error` set (the caller must then exit).
+int sandpiper_confine(uid_t uid, const struct sandpiper_filter *filter, int undumpable, char *error, size_t size);
+
+#endif
