@@ -12,15 +12,17 @@ import Synchronization
 /// The warm template of one fork pool (docs/architecture.md, "Warm-fork sessions").
 ///
 /// A Python interpreter that has imported and warmed the whole stack, run by bubblewrap inside
-/// its own user namespace. That namespace maps its root to a host uid of its own and uids
-/// 1...n to a block of host uids, one per session; the template keeps its capabilities there
-/// (and only there) to give each forked session new mount, pid, net, ipc and uts namespaces and
-/// tmpfs mounts, then the session drops to its uid, all capabilities, no_new_privs and the
-/// seccomp filter before any user code runs. The template never runs user code.
+/// its own user namespace. That namespace maps its root to a host uid of its own, uids 1...n to
+/// a block of host uids, one per session, and n+1 to the uid of its sessions' pid 1s; the
+/// template keeps its capabilities there (and only there) to give each forked session new
+/// mount, pid, net, ipc and uts namespaces and tmpfs mounts, then the session drops to its uid,
+/// all capabilities, no_new_privs and the seccomp filter before any user code runs. The
+/// template never runs user code.
 ///
-/// The host speaks to it over a SOCK_SEQPACKET socket (fd 3 inside): a `fork` request carries
-/// the session's agent pipes; the reply names the fork's pid, which the host moves into the
-/// session's cgroups before letting it go on.
+/// After its warm-up the template forks into `forkerCount` forkers. The host speaks to each over
+/// its own SOCK_SEQPACKET socket (fd 3, then 7 on, inside): a `fork` request carries the
+/// session's agent pipes; the reply names the pids of the session's pid 1 and agent, which the
+/// host moves into the session's cgroups before letting them go on.
 actor ForkTemplate {
     let pool: PoolConfiguration
     private let backend: NamespaceBackend
