@@ -41,6 +41,11 @@ struct ContainerProxy {
     let responseTimeout: Duration
     let scheme: String
 
+    /// A container connection that could not be set up (502 `ContainerUnreachable`).
+    static func unreachable(_ error: any Error) -> SandpiperError {
+        SandpiperError(.sandboxFailure, code: "ContainerUnreachable", "cannot talk to the container: \(error)")
+    }
+
     func forward(_ request: Request, target: String, clientAddress: String?) async throws -> Response {
         let fd = try await endpoint.connect(timeout: connectTimeout)
         typealias Connection = NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
@@ -55,11 +60,7 @@ struct ContainerProxy {
                 }
         } catch {
             close(fd)
-            throw SandpiperError(
-                .sandboxFailure,
-                code: "ContainerUnreachable",
-                "cannot talk to the container: \(error)"
-            )
+            throw ContainerProxy.unreachable(error)
         }
         let head = requestHead(request, target: target, clientAddress: clientAddress)
         let (heads, headSink) = AsyncThrowingStream<HTTPResponseHead, any Error>.makeStream()

@@ -80,11 +80,7 @@ extension ContainerProxy {
                 .get()
         } catch {
             close(fd)
-            throw SandpiperError(
-                .sandboxFailure,
-                code: "ContainerUnreachable",
-                "cannot talk to the container: \(error)"
-            )
+            throw ContainerProxy.unreachable(error)
         }
         // Owned here until the client's pass-through handler takes it.
         var handedOver = false

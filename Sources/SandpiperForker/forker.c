@@ -170,14 +170,24 @@ static int read_report(int report, pid_t *init, char *error, size_t size) {
     return 0;
 }
 
-// `"key":<integer>` in the host's JSON (written by the host, never by a session).
-static int json_number(const char *text, const char *key, long long *out) {
+// Where the value of `"key":` starts in the host's JSON (written by the host, never by a
+// session), or NULL.
+static const char *json_value(const char *text, const char *key) {
     char pattern[64];
-    snprintf(pattern, sizeof(pattern), "\"%s\":", key);
+    snprintf(pattern, sizeof(pattern), "\"%s\"", key);
     const char *at = strstr(text, pattern);
-    if (at == NULL) return -1;
+    if (at == NULL) return NULL;
     at += strlen(pattern);
     while (*at == ' ') at++;
+    if (*at++ != ':') return NULL;
+    while (*at == ' ') at++;
+    return at;
+}
+
+// `"key": <integer>`.
+static int json_number(const char *text, const char *key, long long *out) {
+    const char *at = json_value(text, key);
+    if (at == NULL) return -1;
     char *end = NULL;
     errno = 0;
     long long value = strtoll(at, &end, 10);
@@ -323,7 +333,8 @@ int sandpiper_forker_serve(int control, int own_pid_namespace, const char *sessi
         message[got] = '\0';
         long long uid = 0;
         struct init_key key = {0, 0, 0};
-        if (strstr(message, "\"type\":\"fork\"") == NULL || count != 4 || json_number(message, "uid", &uid) != 0 ||
+        const char *type = json_value(message, "type");
+        if (type == NULL || strncmp(type, "\"fork\"", 6) != 0 || count != 4 || json_number(message, "uid", &uid) != 0 ||
             json_number(message, "tmpBytes", &key.tmp_bytes) != 0 ||
             json_number(message, "diskBytes", &key.disk_bytes) != 0 ||
             json_number(message, "initUid", &key.init_uid) != 0 || uid <= 0 || uid > 65535) {

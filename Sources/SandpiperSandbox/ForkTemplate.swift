@@ -282,7 +282,7 @@ actor ForkTemplate {
             throw SandpiperError(
                 .unavailable,
                 code: Self.unavailableCode,
-                "sandpiper-init or \(NamespaceBackend.builtForkerName) is missing beside "
+                "sandpiper-init or \(NamespaceBackend.forkerLibrary) is missing beside "
                     + "\(backend.configuration.sessionInit) (both are built with the server: `make build`)"
             )
         }

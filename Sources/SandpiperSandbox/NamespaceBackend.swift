@@ -167,12 +167,12 @@ public final class NamespaceBackend: SandboxBackend {
     /// the agents.
     var hasSessionInit: Bool {
         access(installedAgentsDirectory + "/sandpiper-init", X_OK) == 0
-            && access(installedAgentsDirectory + "/" + Self.installedForkerName, R_OK) == 0
+            && access(installedAgentsDirectory + "/" + Self.forkerLibrary, R_OK) == 0
     }
 
-    /// The fork loop's library as SwiftPM builds it (beside `sessionInit`), and as installed.
-    static let builtForkerName = "libSandpiperForker.so"
-    static let installedForkerName = "libsandpiper-forker.so"
+    /// The fork loop's library, as SwiftPM builds it beside `sessionInit` and as installed with
+    /// the agents.
+    static let forkerLibrary = "libSandpiperForker.so"
 
     private func installAgents() throws {
         let target = installedAgentsDirectory
@@ -189,12 +189,12 @@ public final class NamespaceBackend: SandboxBackend {
         // The forked sessions' init, executable by the templates (it drops to the init uid), and
         // the templates' fork loop.
         let forker = URL(fileURLWithPath: configuration.sessionInit).deletingLastPathComponent()
-            .appendingPathComponent(Self.builtForkerName).path
+            .appendingPathComponent(Self.forkerLibrary).path
         if access(configuration.sessionInit, X_OK) == 0, access(forker, R_OK) == 0 {
             try FileManager.default.copyItem(atPath: configuration.sessionInit, toPath: staging + "/sandpiper-init")
             chmod(staging + "/sandpiper-init", 0o755)
-            try FileManager.default.copyItem(atPath: forker, toPath: staging + "/" + Self.installedForkerName)
-            chmod(staging + "/" + Self.installedForkerName, 0o644)
+            try FileManager.default.copyItem(atPath: forker, toPath: staging + "/" + Self.forkerLibrary)
+            chmod(staging + "/" + Self.forkerLibrary, 0o644)
         }
         chmod(staging, 0o755)
         try? FileManager.default.removeItem(atPath: target)

@@ -1464,7 +1464,7 @@ def main():
 
 TEMPLATE_CONTROL_FD = 3
 SESSION_INIT = "/opt/sandpiper/agents/sandpiper-init"
-FORKER_LIBRARY = "/opt/sandpiper/agents/libsandpiper-forker.so"
+FORKER_LIBRARY = "/opt/sandpiper/agents/libSandpiperForker.so"
 MADV_COLLAPSE = 25
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -1567,7 +1567,8 @@ def session_child(agent):
 
 
 def reap_children(signum=None, frame=None):
-    """Each session's init is the template's child: reaped as soon as its session ends."""
+    """The template's children, reaped as they end. In the native loop this handler never runs,
+    but the signal interrupts its wait, and the loop reaps at once."""
     while True:
         try:
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
