@@ -105,6 +105,15 @@ enum JSONResponse {
         return encoder
     }()
 
+    /// A `JSONValue` body, written by `JSONValue.serialized` (keys sorted, as `encoder` does).
+    static func make(_ value: JSONValue, status: HTTPResponse.Status = .ok) -> Response {
+        Response(
+            status: status,
+            headers: [.contentType: "application/json; charset=utf-8"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: value.serialized(sortedKeys: true)))
+        )
+    }
+
     static func make(_ value: some Encodable, status: HTTPResponse.Status = .ok) -> Response {
         let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
         return Response(

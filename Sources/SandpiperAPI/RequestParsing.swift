@@ -71,7 +71,7 @@ enum RequestBody {
         }
         let value: JSONValue
         do {
-            value = try JSONDecoder().decode(JSONValue.self, from: Data(buffer.readableBytesView))
+            value = try JSONValue.parse(buffer.readableBytesView)
         } catch {
             throw SandpiperError.invalid("the request body is not valid JSON", code: "InvalidRequestBody")
         }

@@ -11,7 +11,10 @@ final class AgentChannel: Sendable {
     /// Frames from a guest are hostile input: this caps what one can make the server buffer.
     static let maxInboundFrame = 32 << 20
 
-    struct Reply: Decodable, Sendable {
+    /// A frame from the agent. A field of the wrong type makes the whole frame malformed; an
+    /// absent field and a JSON null are both nil, except `result`, where null is a value (the
+    /// agent's answer for nan and inf).
+    struct Reply: Sendable {
         var id: Int?
         var type: String
         var status: String?
@@ -30,36 +33,72 @@ final class AgentChannel: Sendable {
         var runtime: Package?
         var exitCode: Int?
 
-        struct Package: Decodable, Sendable {
+        struct Package: Sendable {
             var name: String
             var version: String
+
+            init(name: String, version: String) {
+                self.name = name
+                self.version = version
+            }
+
+            init(json: JSONValue) throws(Malformed) {
+                guard case .object(let fields) = json else { throw Malformed(field: "package") }
+                guard case .string(let name)? = fields["name"] else { throw Malformed(field: "name") }
+                guard case .string(let version)? = fields["version"] else { throw Malformed(field: "version") }
+                self.name = name
+                self.version = version
+            }
         }
 
-        private enum CodingKeys: String, CodingKey {
-            case id, type, status, stdout, stderr, result, jupyterResult, timedOut, durationMs
-            case stdoutTruncated, stderrTruncated, message, pid, version, packages, runtime, exitCode
+        struct Malformed: Error {
+            var field: String
         }
 
-        init(from decoder: any Decoder) throws {
-            let container = try decoder.container(keyedBy: CodingKeys.self)
-            id = try container.decodeIfPresent(Int.self, forKey: .id)
-            type = try container.decode(String.self, forKey: .type)
-            status = try container.decodeIfPresent(String.self, forKey: .status)
-            stdout = try container.decodeIfPresent(String.self, forKey: .stdout)
-            stderr = try container.decodeIfPresent(String.self, forKey: .stderr)
-            // A JSON null result (nan, inf) is a value, not an absent field.
-            result = container.contains(.result) ? try container.decode(JSONValue.self, forKey: .result) : nil
-            jupyterResult = try container.decodeIfPresent(String.self, forKey: .jupyterResult)
-            timedOut = try container.decodeIfPresent(Bool.self, forKey: .timedOut)
-            durationMs = try container.decodeIfPresent(Double.self, forKey: .durationMs)
-            stdoutTruncated = try container.decodeIfPresent(Bool.self, forKey: .stdoutTruncated)
-            stderrTruncated = try container.decodeIfPresent(Bool.self, forKey: .stderrTruncated)
-            message = try container.decodeIfPresent(String.self, forKey: .message)
-            pid = try container.decodeIfPresent(Int.self, forKey: .pid)
-            version = try container.decodeIfPresent(String.self, forKey: .version)
-            packages = try container.decodeIfPresent([Package].self, forKey: .packages)
-            runtime = try container.decodeIfPresent(Package.self, forKey: .runtime)
-            exitCode = try container.decodeIfPresent(Int.self, forKey: .exitCode)
+        init(json: JSONValue) throws(Malformed) {
+            guard case .object(let fields) = json else { throw Malformed(field: "frame") }
+            func field<T>(_ name: String, _ read: (JSONValue) -> T?) throws(Malformed) -> T? {
+                guard let value = fields[name], value != .null else { return nil }
+                guard let typed = read(value) else { throw Malformed(field: name) }
+                return typed
+            }
+            func string(_ name: String) throws(Malformed) -> String? { try field(name) { $0.stringValue } }
+            func bool(_ name: String) throws(Malformed) -> Bool? {
+                try field(name) { if case .bool(let value) = $0 { value } else { nil } }
+            }
+            func int(_ name: String) throws(Malformed) -> Int? {
+                try field(name) { if case .integer(let value) = $0 { Int(exactly: value) } else { nil } }
+            }
+            guard let type = try string("type") else { throw Malformed(field: "type") }
+            self.type = type
+            id = try int("id")
+            status = try string("status")
+            stdout = try string("stdout")
+            stderr = try string("stderr")
+            result = fields["result"]
+            jupyterResult = try string("jupyterResult")
+            timedOut = try bool("timedOut")
+            durationMs = try field("durationMs") {
+                switch $0 {
+                case .number(let value): value
+                case .integer(let value): Double(value)
+                default: nil
+                }
+            }
+            stdoutTruncated = try bool("stdoutTruncated")
+            stderrTruncated = try bool("stderrTruncated")
+            message = try string("message")
+            pid = try int("pid")
+            version = try string("version")
+            if case .array(let list)? = fields["packages"] {
+                var packages: [Package] = []
+                for entry in list { packages.append(try Package(json: entry)) }
+                self.packages = packages
+            } else {
+                packages = try field("packages") { _ in nil }
+            }
+            runtime = try field("runtime") { try? Package(json: $0) }
+            exitCode = try int("exitCode")
         }
     }
 
@@ -126,7 +165,7 @@ final class AgentChannel: Sendable {
         }
         var message = fields
         message["id"] = .integer(Int64(id))
-        let body = try JSONEncoder().encode(message)
+        let body = JSONValue.object(message).serialized()
         var frame = channel.allocator.buffer(capacity: body.count + 4)
         frame.writeInteger(UInt32(body.count))
         frame.writeBytes(body)
@@ -176,7 +215,7 @@ final class AgentChannel: Sendable {
     fileprivate func deliver(_ frame: ByteBuffer) {
         let reply: Reply
         do {
-            reply = try JSONDecoder().decode(Reply.self, from: Data(frame.readableBytesView))
+            reply = try Reply(json: JSONValue.parse(frame.readableBytesView))
         } catch {
             fail(
                 SandpiperError(

@@ -85,7 +85,7 @@ actor ForkTemplate {
             "diskBytes": .integer(limits.diskBytes),
             "initUid": .integer(Int64(running.uids.initUID)),
         ])
-        let payload = Array((try? JSONEncoder().encode(request)) ?? Data())
+        let payload = request.serialized()
         // The template takes them as: requests, responses, go, stderr.
         let ordered = [fds[0], fds[1], go.read, fds[2]]
         // The round trip blocks (a forker forks one session at a time): on NIO's blocking pool,
@@ -124,7 +124,7 @@ actor ForkTemplate {
                 throw forkerDied(control, of: running.id)
             }
         }
-        guard let reply = try? JSONDecoder().decode(JSONValue.self, from: Data(bytes)) else {
+        guard let reply = try? JSONValue.parse(bytes) else {
             throw templateDied("the template sent a malformed message", id: running.id)
         }
         guard case .object(let fields) = reply, fields["type"] == .string("forked"),
@@ -447,7 +447,7 @@ actor ForkTemplate {
             }
             throw templateDied(count == 0 ? "the template exited" : "the template did not answer in time")
         }
-        guard let value = try? JSONDecoder().decode(JSONValue.self, from: Data(buffer[0..<count])) else {
+        guard let value = try? JSONValue.parse(buffer[0..<count]) else {
             throw templateDied("the template sent a malformed message")
         }
         return value
