@@ -73,7 +73,7 @@ enum RequestBody {
         do {
             value = try JSONValue.parse(buffer.readableBytesView)
         } catch {
-            throw SandpiperError.invalid("the request body is not valid JSON", code: "InvalidRequestBody")
+            throw SandpiperError.invalid("the request body is not valid JSON: \(error)", code: "InvalidRequestBody")
         }
         guard case .object(var object) = value else {
             throw SandpiperError.invalid("the request body must be a JSON object", code: "InvalidRequestBody")

@@ -90,12 +90,8 @@ final class AgentChannel: Sendable {
             message = try string("message")
             pid = try int("pid")
             version = try string("version")
-            if case .array(let list)? = fields["packages"] {
-                var packages: [Package] = []
-                for entry in list { packages.append(try Package(json: entry)) }
-                self.packages = packages
-            } else {
-                packages = try field("packages") { _ in nil }
+            packages = try field("packages") {
+                if case .array(let list) = $0 { try? list.map(Package.init(json:)) } else { nil }
             }
             runtime = try field("runtime") { try? Package(json: $0) }
             exitCode = try int("exitCode")
@@ -217,11 +213,12 @@ final class AgentChannel: Sendable {
         do {
             reply = try Reply(json: JSONValue.parse(frame.readableBytesView))
         } catch {
+            let why = (error as? Reply.Malformed).map { "its '\($0.field)' field" } ?? "\(error)"
             fail(
                 SandpiperError(
                     .sandboxFailure,
                     code: "SessionAgentFailure",
-                    "the session's agent sent a malformed reply"
+                    "the session's agent sent a malformed reply (\(why))"
                 )
             )
             return

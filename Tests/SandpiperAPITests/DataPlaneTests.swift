@@ -177,6 +177,27 @@ struct DataPlaneTests {
         }
     }
 
+    @Test("A body that is not JSON says where it stopped being JSON")
+    func badJSONSaysWhere() async throws {
+        try await Harness().test { client in
+            let body = ByteBuffer(string: #"{"code": "1" "executionType": "synchronous"}"#)
+            try await client.execute(
+                uri: "/pools/python/code/execute?identifier=abcd",
+                method: .post,
+                headers: auth,
+                body: body
+            ) { response in
+                #expect(response.status == .badRequest)
+                let error = try json(response.body)["error"] as? [String: Any]
+                let message = try #require(error?["message"] as? String)
+                #expect(
+                    message
+                        == "the request body is not valid JSON: invalid JSON at byte 13: expected ',' or '}' in an object"
+                )
+            }
+        }
+    }
+
     @Test("Unknown routes and pools are 404 JSON")
     func notFound() async throws {
         try await Harness().test { client in

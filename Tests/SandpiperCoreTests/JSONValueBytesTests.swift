@@ -61,6 +61,11 @@ import Testing
         let deeper = "[" + deepest + "]"
         let error = try #require(throws: JSONValue.ParseError.self) { try JSONValue.parse(Array(deeper.utf8)) }
         #expect(error.reason == "nested too deeply")
+        let objects = String(repeating: #"{"a":"#, count: JSONValue.maxDepth) + "1"
+        let closed = objects + String(repeating: "}", count: JSONValue.maxDepth)
+        #expect(throws: Never.self) { try JSONValue.parse(Array(closed.utf8)) }
+        let deeperObjects = #"{"a":"# + closed + "}"
+        #expect(throws: JSONValue.ParseError.self) { try JSONValue.parse(Array(deeperObjects.utf8)) }
         // A hostile depth is an error, not a stack overflow.
         let hostile = String(repeating: "{\"a\":", count: 200_000)
         #expect(throws: JSONValue.ParseError.self) { try JSONValue.parse(Array(hostile.utf8)) }
