@@ -7,6 +7,7 @@
 #include <grp.h>
 #include <linux/seccomp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -51,13 +52,29 @@ int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, cha
         return -1;                              \
     } while (0)
 
-int sandpiper_confine(uid_t uid, const struct sandpiper_filter *filter, int undumpable, char *error, size_t size) {
+static int last_capability = -1;
+
+int sandpiper_last_capability(void) {
+    if (last_capability >= 0) return last_capability;
     int last = 63;
-    FILE *cap = fopen("/proc/sys/kernel/cap_last_cap", "re");
-    if (cap != NULL) {
-        if (fscanf(cap, "%d", &last) != 1) last = 63;
-        fclose(cap);
+    int source = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
+    if (source >= 0) {
+        char text[16];
+        ssize_t got = read(source, text, sizeof(text) - 1);
+        close(source);
+        if (got > 0) {
+            text[got] = '\0';
+            char *end = NULL;
+            long value = strtol(text, &end, 10);
+            if (end != text && value >= 0 && value <= 63) last = (int)value;
+        }
     }
+    last_capability = last;
+    return last;
+}
+
+int sandpiper_confine(uid_t uid, const struct sandpiper_filter *filter, int undumpable, char *error, size_t size) {
+    int last = sandpiper_last_capability();
     for (int i = 0; i <= last; i++) {
         if (prctl(PR_CAPBSET_DROP, i, 0, 0, 0) != 0 && errno != EINVAL)
             FAIL("drop capability %d: %s", i, strerror(errno));

@@ -312,6 +312,7 @@ int sandpiper_forker_serve(int control, int own_pid_namespace, const char *sessi
         dprintf(2, "sandpiper-forker: %s\n", loaded);
         return -1;
     }
+    sandpiper_last_capability();  // read here once: each session confines itself with it
     for (;;) {
         reap();
         struct pollfd wait = {control, POLLIN, 0};

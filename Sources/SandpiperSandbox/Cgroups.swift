@@ -159,7 +159,9 @@ public struct CgroupSetup: Sendable, Equatable {
                             try write("\(limits.memoryBytes)", to: dir + "/memory.memsw.limit_in_bytes")
                         }
                     case "cpu":
-                        try write("100000", to: dir + "/cpu.cfs_period_us")
+                        // A new group's period is the kernel's 100 ms (not inherited): only the
+                        // quota is written. Each write re-checks every group's bandwidth under a
+                        // global lock, a cost that grows with the number of sessions.
                         try write("\(Int(limits.cpus * 100_000))", to: dir + "/cpu.cfs_quota_us")
                     case "pids":
                         try write("\(limits.pids)", to: dir + "/pids.max")

@@ -19,6 +19,11 @@ struct sandpiper_filter {
 /// Reads the session filter from `path` into `filter`. 0, or -1 with `error` set.
 int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size);
 
+/// The highest capability number this kernel knows (/proc/sys/kernel/cap_last_cap; 63 when it
+/// cannot be read), read once per process: a process that calls it before forking gives its
+/// children the value (the fork loop does, so no session reads the file while it confines).
+int sandpiper_last_capability(void);
+
 /// For the rest of this process's life: no capability in any set (bounding and ambient
 /// included), `uid`:`uid` with no supplementary group, no_new_privs, and `filter`. Not dumpable
 /// when `undumpable`. 0, or -1 with `error` set (the caller must then exit).

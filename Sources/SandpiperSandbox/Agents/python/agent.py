@@ -24,6 +24,7 @@ import re
 import resource  # here, not in each forked session: importing it there cost ~170 page copies
 import select
 import signal
+import _signal
 import struct
 import sys
 import tempfile
@@ -39,6 +40,7 @@ MAX_RESPONSE_FRAME = 16 * 1024 * 1024  # agent -> host
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 SAFE_INT = 2 ** 53
 READ_CHUNK = 1 << 20
+SIGINT = int(signal.SIGINT)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 
@@ -214,7 +216,14 @@ class Channel:
             data = data[n:]
 
     def send(self, obj):
-        self.send_bytes(encode_json(obj))
+        self.send_bytes(obj.payload if type(obj) is EncodedReply else encode_json(obj))
+
+
+class EncodedReply(dict):
+    """A reply already encoded to check that its frame fits (`fit_result_frame`): the channel
+    sends that payload rather than encoding the reply a second time."""
+
+    __slots__ = ("payload",)
 
 
 # ----------------------------------------------------------------------------
@@ -1036,7 +1045,7 @@ class Agent:
             request = {"code": "1+1"}
             if timeout is not None:
                 request["timeoutSeconds"] = timeout
-            encode_json(self.execute(None, request, store_history=False))
+            self.execute(None, request, store_history=False)  # encodes the reply, too
         except BaseException:
             pass
         finally:
@@ -1251,15 +1260,16 @@ class Agent:
         # traceback); otherwise it is ignored.
         try:
             try:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+                # _signal: signal.signal's enum conversions cost more than the call, per cell.
+                _signal.signal(SIGINT, signal.default_int_handler)
                 self.executing = True
                 return self.shell.run_cell(code, store_history=store_history)
             finally:
                 self.executing = False
-                signal.signal(signal.SIGINT, ignore_sigint)
+                _signal.signal(SIGINT, ignore_sigint)
         except KeyboardInterrupt:
             self.executing = False
-            signal.signal(signal.SIGINT, ignore_sigint)
+            _signal.signal(SIGINT, ignore_sigint)
             return None
 
     def _cleanup_history(self):
@@ -1315,7 +1325,9 @@ def fit_result_frame(reply):
     for _ in range(64):
         payload = encode_json(reply)
         if len(payload) <= budget:
-            return reply
+            fitted = EncodedReply(reply)
+            fitted.payload = payload
+            return fitted
         over = len(payload) - budget
         sizes = {}
         for key in ("stdout", "stderr", "jupyterResult", "result"):
