@@ -1525,9 +1525,10 @@ class Kernel:
 
 
 def reseed():
-    """A forked session must not replay its siblings' random numbers."""
-    import random
-    random.seed(os.urandom(32))
+    """A forked session must not replay its siblings' random numbers. `random` is reseeded from
+    os.urandom by CPython's own at-fork hook (random.py registers it; PyOS_AfterFork_Child runs
+    it): seeding it again here cost ~20 page copies per session. numpy's global generator has
+    no such hook."""
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         try:
