@@ -108,7 +108,12 @@ actor ForkTemplate {
                 load[control] = max(0, load[control, default: 1] - 1)
                 throw error
             }
-            guard sent == payload.count else {
+            var untaken = sent != payload.count
+            if case .failure(let failure) = answer, failure.untaken { untaken = true }
+            if untaken {
+                // The forker is gone and never took the request (the send failed, or the socket
+                // was reset with the request unread: a forker killed, say, by the OOM killer):
+                // the next live forker takes it; the template and its sessions go on.
                 let error = forkerDied(control, of: running.id)
                 if self.running?.id == running.id, !deadForkers.isSuperset(of: running.controls.map(\.socket)) {
                     continue
@@ -583,7 +588,15 @@ final class ControlExchange: Sendable {
     private let lock = Mutex(())
 
     struct ReadFailure: Error {
+        /// What the read returned: 0 at end of file, -1 on an error or a timeout.
         let count: Int
+        /// The read's errno (ETIMEDOUT when no reply came in time); 0 at end of file.
+        var error: Int32 = 0
+
+        /// The forker closed its socket before it took the request: the kernel reports
+        /// ECONNRESET to the peer of a unix socket that closes with unread data. It died without
+        /// starting a fork, so another forker can take the same request.
+        var untaken: Bool { count < 0 && error == ECONNRESET }
     }
 
     func roundTrip(_ socket: Int32, payload: [UInt8], fds: [Int32], timeout: Int32) -> (
@@ -606,7 +619,7 @@ final class ControlExchange: Sendable {
             let count = buffer.withUnsafeMutableBytes { raw in
                 sandpiper_read_timeout(socket, raw.baseAddress, UInt(raw.count), timeout)
             }
-            guard count > 0 else { return (sent, .failure(ReadFailure(count: count))) }
+            guard count > 0 else { return (sent, .failure(ReadFailure(count: count, error: count < 0 ? errno : 0))) }
             return (sent, .success(Array(buffer[0..<count])))
         }
     }

@@ -320,26 +320,12 @@ struct ForkTests {
                 for try await session in group { all.append(session) }
                 return all
             }
-            func parent(_ pid: pid_t) -> pid_t? {
-                let line = (SystemFile.read("/proc/\(pid)/status") ?? "").split(separator: "\n").first {
-                    $0.hasPrefix("PPid:")
-                }
-                return line.flatMap { pid_t($0.dropFirst(5).trimmingCharacters(in: .whitespaces)) }
-            }
-            var forkerOf: [String: pid_t] = [:]
-            for session in sessions {
-                let agent = try #require(
-                    fixture.backend.cgroups.pids(sandboxID: session.id).first {
-                        SystemFile.namespacePIDs(of: $0)?.last == 2
-                    }
-                )
-                forkerOf[session.id] = try #require(parent(agent))
-            }
+            let forkerOf = try Self.forkers(of: sessions, in: fixture)
             let forkers = Set(forkerOf.values)
             #expect(forkers.count >= min(ForkTemplate.forkerCount, 2), "forked by \(forkers) only")
             #expect(forkers.count <= ForkTemplate.forkerCount)
             // Not the first forker: bubblewrap's child, whose end is the template's (tested above).
-            let others = forkers.filter { forker in forkers.contains { parent(forker) == $0 } }
+            let others = forkers.filter { forker in forkers.contains { Self.parent(of: forker) == $0 } }
             guard ForkTemplate.forkerCount > 1 else {
                 for session in [first] + sessions { await session.destroy() }
                 return
@@ -364,6 +350,75 @@ struct ForkTests {
                 #expect(try await session.run("1 + 1").result == .integer(2))
             }
             for session in [first] + sessions + after {
+                await session.destroy()
+                try await fixture.expectNoTraces(of: session)
+            }
+        }
+    }
+
+    static func parent(of pid: pid_t) -> pid_t? {
+        let line = (SystemFile.read("/proc/\(pid)/status") ?? "").split(separator: "\n").first {
+            $0.hasPrefix("PPid:")
+        }
+        return line.flatMap { pid_t($0.dropFirst(5).trimmingCharacters(in: .whitespaces)) }
+    }
+
+    /// The forker (host pid) that forked each session: its agent's parent.
+    static func forkers(of sessions: [NamespaceSandbox], in fixture: Fixture) throws -> [String: pid_t] {
+        var forkerOf: [String: pid_t] = [:]
+        for session in sessions {
+            let agent = try #require(
+                fixture.backend.cgroups.pids(sandboxID: session.id).first {
+                    SystemFile.namespacePIDs(of: $0)?.last == 2
+                }
+            )
+            forkerOf[session.id] = try #require(parent(of: agent))
+        }
+        return forkerOf
+    }
+
+    /// A forker killed with a request still unread in its socket (as the OOM killer might) never
+    /// took it: the request goes to another forker, and the template and its sessions go on.
+    @Test("A request left unread by a forker that dies is forked by another; the template goes on")
+    func untakenRequest() async throws {
+        guard ForkTemplate.forkerCount > 1 else { return }
+        try await withFixture { fixture in
+            let pool = Fixture.pool(tier: .forked)
+            let sessions = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
+                for _ in 0..<6 { group.addTask { try await fixture.launch(pool) } }
+                var all: [NamespaceSandbox] = []
+                for try await session in group { all.append(session) }
+                return all
+            }
+            let forkers = Set(try Self.forkers(of: sessions, in: fixture).values)
+            let first = try #require(forkers.first { forker in !forkers.contains { Self.parent(of: forker) == $0 } })
+            let victim = try #require(forkers.first { Self.parent(of: $0) == first }, "one forker only: \(forkers)")
+            let template = try #require(await fixture.backend.template(for: pool).sandboxID)
+            // Both forkers stopped: the first launch waits on one, the second is sent to the other
+            // (the fewest requests in flight), which is then killed with it unread.
+            kill(first, SIGSTOP)
+            kill(victim, SIGSTOP)
+            let launches = Task {
+                try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
+                    for _ in 0..<2 { group.addTask { try await fixture.launch(pool) } }
+                    var all: [NamespaceSandbox] = []
+                    for try await session in group { all.append(session) }
+                    return all
+                }
+            }
+            try await Task.sleep(for: .seconds(1))
+            kill(victim, SIGKILL)
+            try await Task.sleep(for: .milliseconds(300))
+            kill(first, SIGCONT)
+            let after = try await launches.value
+            #expect(await fixture.backend.template(for: pool).sandboxID == template)
+            for session in after {
+                #expect(try await session.run("6 * 7").result == .integer(42))
+            }
+            for session in sessions {
+                #expect(try await session.run("1 + 1").result == .integer(2))
+            }
+            for session in sessions + after {
                 await session.destroy()
                 try await fixture.expectNoTraces(of: session)
             }
