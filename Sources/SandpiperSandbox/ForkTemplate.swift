@@ -616,10 +616,12 @@ final class ControlExchange: Sendable {
             }
             guard sent == payload.count else { return (sent, .failure(ReadFailure(count: -1))) }
             var buffer = [UInt8](repeating: 0, count: 65536)
-            let count = buffer.withUnsafeMutableBytes { raw in
-                sandpiper_read_timeout(socket, raw.baseAddress, UInt(raw.count), timeout)
+            // errno is taken right after the read, before anything else can overwrite it.
+            let (count, error) = buffer.withUnsafeMutableBytes { raw in
+                let count = sandpiper_read_timeout(socket, raw.baseAddress, UInt(raw.count), timeout)
+                return (count, count < 0 ? errno : 0)
             }
-            guard count > 0 else { return (sent, .failure(ReadFailure(count: count, error: count < 0 ? errno : 0))) }
+            guard count > 0 else { return (sent, .failure(ReadFailure(count: count, error: error))) }
             return (sent, .success(Array(buffer[0..<count])))
         }
     }

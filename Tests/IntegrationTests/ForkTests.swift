@@ -314,12 +314,7 @@ struct ForkTests {
         try await withFixture { fixture in
             let pool = Fixture.pool(tier: .forked)
             let first = try await fixture.launch(pool)  // the template starts once
-            let sessions = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
-                for _ in 0..<6 { group.addTask { try await fixture.launch(pool) } }
-                var all: [NamespaceSandbox] = []
-                for try await session in group { all.append(session) }
-                return all
-            }
+            let sessions = try await Self.launch(6, of: pool, in: fixture)
             let forkerOf = try Self.forkers(of: sessions, in: fixture)
             let forkers = Set(forkerOf.values)
             #expect(forkers.count >= min(ForkTemplate.forkerCount, 2), "forked by \(forkers) only")
@@ -335,12 +330,7 @@ struct ForkTests {
             kill(victim, SIGKILL)
             while kill(victim, 0) == 0 { try await Task.sleep(for: .milliseconds(10)) }
             // Launches go on, on the forkers left, in the same template.
-            let after = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
-                for _ in 0..<4 { group.addTask { try await fixture.launch(pool) } }
-                var all: [NamespaceSandbox] = []
-                for try await session in group { all.append(session) }
-                return all
-            }
+            let after = try await Self.launch(4, of: pool, in: fixture)
             for session in after {
                 #expect(try await session.run("6 * 7").result == .integer(42))
             }
@@ -353,6 +343,17 @@ struct ForkTests {
                 await session.destroy()
                 try await fixture.expectNoTraces(of: session)
             }
+        }
+    }
+
+    /// `count` sessions of `pool`, launched at once.
+    static func launch(_ count: Int, of pool: PoolConfiguration, in fixture: Fixture) async throws -> [NamespaceSandbox]
+    {
+        try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
+            for _ in 0..<count { group.addTask { try await fixture.launch(pool) } }
+            var all: [NamespaceSandbox] = []
+            for try await session in group { all.append(session) }
+            return all
         }
     }
 
@@ -384,12 +385,7 @@ struct ForkTests {
         guard ForkTemplate.forkerCount > 1 else { return }
         try await withFixture { fixture in
             let pool = Fixture.pool(tier: .forked)
-            let sessions = try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
-                for _ in 0..<6 { group.addTask { try await fixture.launch(pool) } }
-                var all: [NamespaceSandbox] = []
-                for try await session in group { all.append(session) }
-                return all
-            }
+            let sessions = try await Self.launch(6, of: pool, in: fixture)
             let forkers = Set(try Self.forkers(of: sessions, in: fixture).values)
             let first = try #require(forkers.first { forker in !forkers.contains { Self.parent(of: forker) == $0 } })
             let victim = try #require(forkers.first { Self.parent(of: $0) == first }, "one forker only: \(forkers)")
@@ -399,12 +395,7 @@ struct ForkTests {
             kill(first, SIGSTOP)
             kill(victim, SIGSTOP)
             let launches = Task {
-                try await withThrowingTaskGroup(of: NamespaceSandbox.self) { group in
-                    for _ in 0..<2 { group.addTask { try await fixture.launch(pool) } }
-                    var all: [NamespaceSandbox] = []
-                    for try await session in group { all.append(session) }
-                    return all
-                }
+                try await Self.launch(2, of: pool, in: fixture)
             }
             try await Task.sleep(for: .seconds(1))
             kill(victim, SIGKILL)
