@@ -228,6 +228,53 @@ struct ForkTests {
         }
     }
 
+    /// The template forks sessions with the interpreter's at-fork hooks trimmed to `random`'s
+    /// reseed (agent.py, `ForkHooks`); the session puts them all back before the user's code
+    /// runs. Without that, a user's own fork (multiprocessing's default on Linux) would inherit
+    /// the session's other threads as live ones, and `random` would repeat in it.
+    @Test("A forked session's own forks run every at-fork hook")
+    func userForksRunEveryHook() async throws {
+        try await withFixture { fixture in
+            let session = try await fixture.launch(Fixture.pool(tier: .forked))
+            let code = """
+                import json, os, random, threading, logging
+                release = threading.Event()
+                worker = threading.Thread(target=release.wait)
+                worker.start()
+                parent_threads = threading.active_count()
+                lock_free = repr(logging._lock).startswith('<unlocked')
+                state = random.getstate()
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(r)
+                    logging.getLogger('probe').warning('from the child')
+                    os.write(w, json.dumps([threading.active_count(), random.getstate() == state]).encode())
+                    os._exit(0)
+                os.close(w)
+                seen = json.loads(os.read(r, 1000))
+                os.waitpid(pid, 0)
+                release.set()
+                worker.join()
+                json.dumps({'parent': parent_threads, 'child': seen[0], 'sameRandom': seen[1], 'lockFree': lock_free})
+                """
+            let text = try #require(try await session.run(code).result.stringValue)
+            struct Seen: Decodable {
+                let parent: Int
+                let child: Int
+                let sameRandom: Bool
+                let lockFree: Bool
+            }
+            let seen = try JSONDecoder().decode(Seen.self, from: Data(text.utf8))
+            #expect(seen.parent >= 2, "\(text)")
+            #expect(seen.child == 1, "the child of a fork in a session sees only its own thread: \(text)")
+            #expect(!seen.sameRandom, "random was not reseeded in the child: \(text)")
+            #expect(seen.lockFree, "the session starts with logging's lock held: \(text)")
+            await session.destroy()
+            try await fixture.expectNoTraces(of: session)
+        }
+    }
+
     /// The template clones every session's init, so the kernel charges each init's own memory to
     /// the template's cgroup: the template's limit must hold that for every slot, or a pool near
     /// its maximum gets its template OOM-killed (and every session with it). Measured on a batch

@@ -1537,6 +1537,53 @@ def reseed():
             pass
 
 
+class ForkHooks:
+    """The interpreter's at-fork child hooks (os.register_at_fork), trimmed while a forker forks
+    sessions. A session is forked from a process with one Python thread that holds no lock, so
+    of the hooks the stack registers only `random`'s reseed does anything a session needs:
+    threading's, logging's lock re-creation and matplotlib's font-cache clear (the template
+    emptied that cache already) changed nothing and cost ~100 page copies per session (556 ->
+    453 at `ready`). The session puts the whole list back before any code of the user's runs, so
+    a fork of the user's own gets every hook."""
+
+    def __init__(self):
+        self.hooks = None
+        self.full = []
+
+    def find(self):
+        """Finds the list (the interpreter's own, which os.register_at_fork appends to) among the
+        collector's objects: before gc.freeze(). Leaves it alone unless exactly one list holds
+        threading's hook and the template runs one thread."""
+        import gc
+        if threading.active_count() != 1:
+            return False
+        found = [o for o in gc.get_objects()
+                 if type(o) is list and any(h is threading._after_fork for h in o)
+                 and all(callable(h) for h in o)]
+        if len(found) != 1:
+            return False
+        self.hooks = found[0]
+        return True
+
+    def trim(self):
+        """In a forker, just before its fork loop: after its own fork from the template, which
+        ran every hook (logging's takes its lock before a fork and lets the child re-create it)."""
+        import random
+        if self.hooks is not None:
+            seed = getattr(random, "_inst", None)
+            self.full = list(self.hooks)
+            self.hooks[:] = [h for h in self.full if getattr(h, "__self__", None) is seed
+                             and getattr(h, "__name__", "") == "seed"]
+
+    def restore(self):
+        """In a session, after PyOS_AfterFork_Child ran the trimmed list."""
+        if self.hooks is not None:
+            self.hooks[:] = self.full
+
+
+_fork_hooks = ForkHooks()
+
+
 def session_agent(agent):
     """Pid 2 of the session: the agent, as the session uid, under seccomp, in /mnt/data."""
     for var in ("IPYTHONDIR", "MPLCONFIGDIR"):
@@ -1572,6 +1619,7 @@ def session_child(agent):
     _template_pid = None  # pids repeat across pid namespaces: a session may get the template's
     try:
         ctypes.pythonapi.PyOS_AfterFork_Child()  # what os.fork does in its child
+        _fork_hooks.restore()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         session_agent(agent)
     except BaseException:
@@ -1632,6 +1680,8 @@ def template_main(forker_fds):
         clear_fonts()
     import gc
     gc.collect()
+    if not _fork_hooks.find():
+        log("fork template: at-fork hooks left whole (more than one thread, or no single hook list)")
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
     kernel.collapse_to_huge_pages()
     signal.signal(signal.SIGCHLD, reap_children)
@@ -1655,6 +1705,7 @@ def serve_forks(forker, control, agent, own_pid_namespace):
     """One forker: says it is ready, then forks a session per request in the native loop, which
     returns only in each forked session (or when the host is gone)."""
     os.write(control, json.dumps({"type": "ready", "pid": os.getpid()}).encode())
+    _fork_hooks.trim()
     status = forker.sandpiper_forker_serve(control, own_pid_namespace, SESSION_INIT.encode())
     if status != 1:
         os._exit(0 if status == 0 else 1)
