@@ -1477,51 +1477,6 @@ def main():
 TEMPLATE_CONTROL_FD = 3
 SESSION_INIT = "/opt/sandpiper/agents/sandpiper-init"
 FORKER_LIBRARY = "/opt/sandpiper/agents/libSandpiperForker.so"
-MADV_COLLAPSE = 25
-PR_SET_CHILD_SUBREAPER = 36
-
-
-class Kernel:
-    """The few system calls Python does not wrap, through ctypes (prototypes made once)."""
-
-    def __init__(self):
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
-                                    ctypes.c_ulong, ctypes.c_ulong]
-        self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-    def check(self, result, what):
-        if result != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
-
-    def collapse_to_huge_pages(self):
-        """Backs the heap's populated 2 MiB ranges with transparent huge pages (MADV_COLLAPSE,
-        Linux 6.1+): a fork then copies one page-table entry per 2 MiB instead of 512, and a
-        child's write still copies only the 4 KiB page it touches. Best effort; returns the
-        number of ranges collapsed."""
-        madvise = self.libc.madvise
-        huge = 1 << 21
-        collapsed = 0
-        try:
-            with open("/proc/self/maps") as maps:
-                regions = [line.split() for line in maps]
-        except OSError:
-            return 0
-        for fields in regions:
-            perms = fields[1]
-            name = fields[5] if len(fields) > 5 else ""
-            if not perms.startswith("rw") or perms[3] != "p" or name not in ("", "[heap]"):
-                continue
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            start = (low + huge - 1) & ~(huge - 1)
-            for chunk in range(start, high & ~(huge - 1), huge):
-                if madvise(chunk, huge, MADV_COLLAPSE) == 0:
-                    collapsed += 1
-        return collapsed
-
-    def prctl(self, option, arg2=0, arg3=0):
-        self.check(self.libc.prctl(option, arg2, arg3, 0, 0), "prctl %d" % option)
 
 
 def reseed():
@@ -1538,23 +1493,26 @@ def reseed():
 
 
 class ForkHooks:
-    """The interpreter's at-fork child hooks (os.register_at_fork), trimmed while a forker forks
-    sessions. A session is forked from a process with one Python thread that holds no lock, so
-    of the hooks the stack registers only `random`'s reseed does anything a session needs:
-    threading's, logging's lock re-creation and matplotlib's font-cache clear (the template
-    emptied that cache already) changed nothing and cost ~100 page copies per session (556 ->
-    453 at `ready`). The session puts the whole list back before any code of the user's runs, so
-    a fork of the user's own gets every hook."""
+    """The interpreter's at-fork child hooks (os.register_at_fork), trimmed in the template. A
+    session is forked (in C, sandpiper_forker_serve_all) from a process with one Python thread
+    that holds no lock, so of the hooks the stack registers only `random`'s reseed does anything
+    a session needs: threading's, logging's lock re-creation and matplotlib's font-cache clear
+    (the template emptied that cache already) changed nothing and cost ~100 page copies per
+    session (556 -> 453 at `ready`). The session puts the whole list back before any code of the
+    user's runs, so a fork of the user's own gets every hook."""
 
     def __init__(self):
         self.hooks = None
         self.full = []
 
-    def find(self):
-        """Finds the list (the interpreter's own, which os.register_at_fork appends to) among the
-        collector's objects: before gc.freeze(). Leaves it alone unless exactly one list holds
-        threading's hook and the template runs one thread."""
+    def trim(self):
+        """Keeps `random`'s reseed only. Finds the list (the interpreter's own, which
+        os.register_at_fork appends to) among the collector's objects, so it runs before
+        gc.freeze(); and the template must not os.fork() after it (logging's hook takes a lock
+        before a fork for the child's hook to re-create). Leaves the list alone unless exactly one
+        holds threading's hook and the template runs one thread."""
         import gc
+        import random
         if threading.active_count() != 1:
             return False
         found = [o for o in gc.get_objects()
@@ -1563,17 +1521,11 @@ class ForkHooks:
         if len(found) != 1:
             return False
         self.hooks = found[0]
+        self.full = list(self.hooks)
+        seed = getattr(random, "_inst", None)
+        self.hooks[:] = [h for h in self.full if getattr(h, "__self__", None) is seed
+                         and getattr(h, "__name__", "") == "seed"]
         return True
-
-    def trim(self):
-        """In a forker, just before its fork loop: after its own fork from the template, which
-        ran every hook (logging's takes its lock before a fork and lets the child re-create it)."""
-        import random
-        if self.hooks is not None:
-            seed = getattr(random, "_inst", None)
-            self.full = list(self.hooks)
-            self.hooks[:] = [h for h in self.full if getattr(h, "__self__", None) is seed
-                             and getattr(h, "__name__", "") == "seed"]
 
     def restore(self):
         """In a session, after PyOS_AfterFork_Child ran the trimmed list."""
@@ -1641,8 +1593,8 @@ def reap_children(signum=None, frame=None):
 def template_main(forker_fds):
     """The pool's fork template: warms the interpreter once, then forks sessions on request
     (`serve_forks`). The host gives it one control socket per forker: fd 3, and the
-    `forker_fds`. Each further forker is a fork of the warm template, taken before any request,
-    and serves its own socket, so that sessions fork on every core at once."""
+    `forker_fds`. Each further forker is a fork of the warm template, taken in the native code
+    before any request, and serves its own socket, so that sessions fork on every core at once."""
     global _diag_fd, _template_pid
     _template_pid = os.getpid()
     _diag_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -1653,11 +1605,11 @@ def template_main(forker_fds):
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    kernel = Kernel()
     # The fork loop (Sources/SandpiperForker), loaded before the warm-up so its pages are shared.
     forker = ctypes.PyDLL(FORKER_LIBRARY)
-    forker.sandpiper_forker_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
-    forker.sandpiper_forker_serve.restype = ctypes.c_int
+    forker.sandpiper_forker_serve_all.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int,
+                                                  ctypes.c_char_p]
+    forker.sandpiper_forker_serve_all.restype = ctypes.c_int
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(
         io.open(1, "wb", closefd=False), encoding="utf-8", errors="backslashreplace",
         line_buffering=True)
@@ -1680,33 +1632,21 @@ def template_main(forker_fds):
         clear_fonts()
     import gc
     gc.collect()
-    if not _fork_hooks.find():
+    if not _fork_hooks.trim():
         log("fork template: at-fork hooks left whole (more than one thread, or no single hook list)")
     gc.freeze()  # objects shared with every child stay out of its collections (no copies)
-    kernel.collapse_to_huge_pages()
     signal.signal(signal.SIGCHLD, reap_children)
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    mine = controls[0]
-    for fd in controls[1:]:
-        if os.fork() == 0:
-            _template_pid = os.getpid()
-            mine = fd
-            break
-    for fd in controls:
-        if fd != mine:
-            os.close(fd)
-    # Each session's pid 1 outlives the sandpiper-init that spawned it: reaped by its forker
-    # (a forker that dies leaves them to the first one, the parent of the others).
-    kernel.prctl(PR_SET_CHILD_SUBREAPER, 1)
-    serve_forks(forker, mine, agent, own_pid_namespace)
+    serve_forks(forker, controls, agent, own_pid_namespace)
 
 
-def serve_forks(forker, control, agent, own_pid_namespace):
-    """One forker: says it is ready, then forks a session per request in the native loop, which
-    returns only in each forked session (or when the host is gone)."""
-    os.write(control, json.dumps({"type": "ready", "pid": os.getpid()}).encode())
-    _fork_hooks.trim()
-    status = forker.sandpiper_forker_serve(control, own_pid_namespace, SESSION_INIT.encode())
+def serve_forks(forker, controls, agent, own_pid_namespace):
+    """The template's last line of Python: the native code backs the heap with huge pages,
+    forks one forker per further control socket and serves the first itself; each forker says
+    `ready` and forks a session per request. It returns only in each forked session (or when the
+    host is gone)."""
+    fds = (ctypes.c_int * len(controls))(*controls)
+    status = forker.sandpiper_forker_serve_all(fds, len(controls), own_pid_namespace, SESSION_INIT.encode())
     if status != 1:
         os._exit(0 if status == 0 else 1)
     session_child(agent)
