@@ -2,12 +2,16 @@
 #include "CSandpiperShims.h"
 
 #include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/vfs.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 #include <string.h>
@@ -102,6 +106,77 @@ long sandpiper_send_with_fds(int sock, const void *buffer, unsigned long length,
         n = sendmsg(sock, &msg, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     return n;
+}
+
+long sandpiper_receive_with_fds_timeout(int sock, void *buffer, unsigned long count, int *fds, int max_fds,
+                                        int *received, int timeout_ms) {
+    *received = 0;
+    struct pollfd p = {.fd = sock, .events = POLLIN};
+    int rc;
+    do {
+        rc = poll(&p, 1, timeout_ms);
+    } while (rc < 0 && errno == EINTR);
+    if (rc == 0) {
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    if (rc < 0) return -1;
+    char control[CMSG_SPACE(sizeof(int) * 16)];
+    struct iovec iov = {.iov_base = buffer, .iov_len = count};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof(control)};
+    long n;
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&msg); header != NULL; header = CMSG_NXTHDR(&msg, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        int attached = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *data = (int *)CMSG_DATA(header);
+        for (int i = 0; i < attached; i++) {
+            int fd;
+            memcpy(&fd, data + i, sizeof(int));
+            if (*received < max_fds) {
+                fds[(*received)++] = fd;
+            } else {
+                close(fd);
+            }
+        }
+    }
+    return n;
+}
+
+// struct pidfd_info as Linux 6.13 introduced it (PIDFD_INFO_SIZE_VER0, 64 bytes); later kernels
+// accept this size and fill what it holds.
+struct sandpiper_pidfd_info {
+    uint64_t mask;
+    uint64_t cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    uint32_t spare0;
+};
+#define SANDPIPER_PIDFD_GET_INFO _IOWR(0xFF, 11, struct sandpiper_pidfd_info)
+
+int sandpiper_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+int sandpiper_pidfd_pid(int pidfd) {
+    struct sandpiper_pidfd_info info;
+    memset(&info, 0, sizeof(info));
+    info.mask = 1; // PIDFD_INFO_PID
+    if (ioctl(pidfd, SANDPIPER_PIDFD_GET_INFO, &info) == 0) return info.pid > 0 ? (int)info.pid : -1;
+    if (errno == ESRCH) return -1;
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char text[1024];
+    ssize_t got = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (got <= 0) return -1;
+    text[got] = '\0';
+    const char *line = strstr(text, "\nPid:");
+    if (line == NULL) return -1;
+    int pid = atoi(line + 5);  // -1 once the process has exited
+    return pid > 0 ? pid : -1;
 }
 
 int sandpiper_seqpacket_pair(int fds[2]) {

@@ -19,7 +19,8 @@
 //      uid under the session filter (`become_session`); then it returns 1 to Python, which
 //      becomes the session's agent;
 //   3. answers `{"type":"forked","pid":INIT,"agent":AGENT}` (pids as the template's pid
-//      namespace numbers them) or `{"type":"error","message":...}`, then spawns the inits of
+//      namespace numbers them) with a pidfd of each attached, from which the host reads their
+//      pids in its own namespace, or `{"type":"error","message":...}`; then spawns the inits of
 //      the next sessions, so that they set up on another core while this one forks.
 // Children that end (the inits' first processes, sessions' pid 1s it is the subreaper of,
 // agents) are reaped here.
@@ -200,6 +201,22 @@ static int json_number(const char *text, const char *key, long long *out) {
 
 static int answer(int control, const char *text) {
     return send(control, text, strlen(text), MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+// The reply with descriptors attached (SCM_RIGHTS): the host learns the pids as its own pid
+// namespace numbers them from the pidfds, not by reading /proc of every process of the template.
+static int answer_with_fds(int control, const char *text, const int *fds, int count) {
+    char space[CMSG_SPACE(sizeof(int) * 2)];
+    memset(space, 0, sizeof(space));
+    struct iovec iov = {.iov_base = (void *)text, .iov_len = strlen(text)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = space,
+                         .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)count)};
+    struct cmsghdr *header = CMSG_FIRSTHDR(&msg);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)count);
+    memcpy(CMSG_DATA(header), fds, sizeof(int) * (size_t)count);
+    return sendmsg(control, &msg, MSG_NOSIGNAL) < 0 ? -1 : 0;
 }
 
 static int answer_error(int control, const char *format, ...) {
@@ -443,16 +460,26 @@ int sandpiper_forker_serve(int control, int own_pid_namespace, const char *sessi
         int fork_error = errno;
         // Back to its own pid namespace for the next inits: without it, the loop cannot go on.
         if (setns(own_pid_namespace, CLONE_NEWPID) != 0) return -1;
-        close(pidfd);
         for (int i = 0; i < count; i++) close(fds[i]);
-        if (agent < 0) {
+        int agent_pidfd = agent > 0 ? (int)syscall(SYS_pidfd_open, agent, 0) : -1;
+        if (agent_pidfd < 0) {
+            if (agent > 0) {
+                fork_error = errno;
+                kill(agent, SIGKILL);
+            }
             kill(init, SIGKILL);
-            if (answer_error(control, "fork: %s", strerror(fork_error)) != 0) return 0;
+            close(pidfd);
+            if (answer_error(control, "%s: %s", agent < 0 ? "fork" : "pidfd_open", strerror(fork_error)) != 0)
+                return 0;
             continue;
         }
         char reply[128];
         snprintf(reply, sizeof(reply), "{\"type\":\"forked\",\"pid\":%d,\"agent\":%d}", (int)init, (int)agent);
-        if (answer(control, reply) != 0) return 0;
+        int handles[2] = {pidfd, agent_pidfd};
+        int sent = answer_with_fds(control, reply, handles, 2);
+        close(pidfd);
+        close(agent_pidfd);
+        if (sent != 0) return 0;
         while (ahead_count < AHEAD) {
             if (spawn_init(session_init, key) != 0) {
                 dprintf(2, "sandpiper-forker: cannot spawn sandpiper-init ahead: %s\n", strerror(errno));

@@ -91,14 +91,14 @@ actor ForkTemplate {
         // The round trip blocks (a forker forks one session at a time): on NIO's blocking pool,
         // never on a cooperative thread, and one request at a time on a forker's socket. A forker
         // the request could not even reach is dead: the next live one takes it.
-        var bytes: [UInt8] = []
-        while bytes.isEmpty {
+        var reply = ControlExchange.Reply(bytes: [], descriptors: [])
+        while reply.bytes.isEmpty {
             let live = running.controls.filter { !deadForkers.contains($0.socket) }
             guard let (control, exchange) = live.min(by: { load[$0.socket, default: 0] < load[$1.socket, default: 0] })
             else { throw templateDied("every forker of the template is gone", id: running.id) }
             load[control, default: 0] += 1
             let sent: Int
-            let answer: Result<[UInt8], ControlExchange.ReadFailure>
+            let answer: Result<ControlExchange.Reply, ControlExchange.ReadFailure>
             do {
                 (sent, answer) = try await NIOThreadPool.singleton.runIfActive {
                     exchange.roundTrip(control, payload: payload, fds: ordered, timeout: Self.forkTimeoutMilliseconds)
@@ -121,7 +121,7 @@ actor ForkTemplate {
                 throw error
             }
             switch answer {
-            case .success(let reply): bytes = reply
+            case .success(let answered): reply = answered
             case .failure(let failure) where failure.count != 0:
                 throw templateDied("the template did not answer in time", id: running.id)
             case .failure:
@@ -129,23 +129,18 @@ actor ForkTemplate {
                 throw forkerDied(control, of: running.id)
             }
         }
-        guard let reply = try? JSONValue.parse(bytes) else {
+        defer { for fd in reply.descriptors { close(fd) } }
+        guard let message = try? JSONValue.parse(reply.bytes) else {
             throw templateDied("the template sent a malformed message", id: running.id)
         }
-        guard case .object(let fields) = reply, fields["type"] == .string("forked"),
-            case .integer(let initPID) = fields["pid"], case .integer(let agentPID) = fields["agent"]
-        else {
-            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(reply)")
+        guard case .object(let fields) = message, fields["type"] == .string("forked") else {
+            throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the template could not fork: \(message)")
         }
-        // The session's init and its agent, as the template's pid namespace (one level below
-        // the host's) numbers them; both still in the template's cgroups.
-        let hostPIDs = Self.hostPIDs(
-            of: [pid_t(initPID), pid_t(agentPID)],
-            depth: 1,
-            inGroupOf: running.id,
-            backend: backend
-        )
-        guard hostPIDs.count == 2 else {
+        // The session's init and its agent, from the pidfds the forker attached: pids as the
+        // host numbers them, with no walk of the template's processes. Both are still in the
+        // template's cgroups, held by the go pipe.
+        let hostPIDs = reply.descriptors.prefix(2).map { pid_t(sandpiper_pidfd_pid($0)) }.filter { $0 > 0 }
+        guard reply.descriptors.count == 2, hostPIDs.count == 2 else {
             for pid in hostPIDs { kill(pid, SIGKILL) }
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
         }
@@ -458,27 +453,6 @@ actor ForkTemplate {
         return value
     }
 
-    /// The host pids of the processes in `sandboxID`'s cgroups whose pids are `namespacePIDs` in
-    /// the pid namespace `depth` levels below the host's, in the same order; shorter when some
-    /// are not there.
-    static func hostPIDs(of namespacePIDs: [pid_t], depth: Int, inGroupOf sandboxID: String, backend: NamespaceBackend)
-        -> [pid_t]
-    {
-        var found: [pid_t: pid_t] = [:]
-        // Newest first: the template's group also holds the template, its forkers and the inits
-        // spawned ahead, and each /proc status read costs ~25 µs; the processes asked for are
-        // usually among the last made (a wrapped pid counter only makes this slower).
-        for pid in backend.cgroups.pids(sandboxID: sandboxID).reversed() {
-            // NSpid lists the pid from the host's namespace down: entry `depth` is the pid in
-            // the namespace that many levels below the host's.
-            guard let ids = SystemFile.namespacePIDs(of: pid), ids.count > depth, namespacePIDs.contains(ids[depth])
-            else { continue }
-            found[ids[depth]] = pid
-            if found.count == namespacePIDs.count { break }
-        }
-        return namespacePIDs.compactMap { found[$0] }
-    }
-
     /// The template's sandbox: the same read-only view as an exec session, its capabilities kept
     /// inside its own user namespace, and the session filter less unshare, mount and sethostname
     /// (which it needs to set its sessions up; they install the full filter).
@@ -599,8 +573,14 @@ final class ControlExchange: Sendable {
         var untaken: Bool { count < 0 && error == ECONNRESET }
     }
 
+    /// A reply: its bytes and the descriptors attached to it (the caller closes them).
+    struct Reply {
+        var bytes: [UInt8]
+        var descriptors: [Int32]
+    }
+
     func roundTrip(_ socket: Int32, payload: [UInt8], fds: [Int32], timeout: Int32) -> (
-        Int, Result<[UInt8], ReadFailure>
+        Int, Result<Reply, ReadFailure>
     ) {
         lock.withLock { _ in
             let sent = payload.withUnsafeBufferPointer { bytes in
@@ -616,13 +596,29 @@ final class ControlExchange: Sendable {
             }
             guard sent == payload.count else { return (sent, .failure(ReadFailure(count: -1))) }
             var buffer = [UInt8](repeating: 0, count: 65536)
+            var descriptors = [Int32](repeating: -1, count: 4)
+            var received: Int32 = 0
             // errno is taken right after the read, before anything else can overwrite it.
             let (count, error) = buffer.withUnsafeMutableBytes { raw in
-                let count = sandpiper_read_timeout(socket, raw.baseAddress, UInt(raw.count), timeout)
-                return (count, count < 0 ? errno : 0)
+                descriptors.withUnsafeMutableBufferPointer { table in
+                    let count = sandpiper_receive_with_fds_timeout(
+                        socket,
+                        raw.baseAddress,
+                        UInt(raw.count),
+                        table.baseAddress,
+                        Int32(table.count),
+                        &received,
+                        timeout
+                    )
+                    return (count, count < 0 ? errno : 0)
+                }
             }
-            guard count > 0 else { return (sent, .failure(ReadFailure(count: count, error: error))) }
-            return (sent, .success(Array(buffer[0..<count])))
+            let attached = Array(descriptors.prefix(Int(received)))
+            guard count > 0 else {
+                for fd in attached { close(fd) }
+                return (sent, .failure(ReadFailure(count: count, error: error)))
+            }
+            return (sent, .success(Reply(bytes: Array(buffer[0..<count]), descriptors: attached)))
         }
     }
 }

@@ -1,3 +1,4 @@
+import CSandpiperShims
 import Foundation
 import Testing
 
@@ -38,6 +39,48 @@ struct ControlExchangeTests {
             }
             close(forker)
         }
+    }
+
+    @Test("A reply brings the forker's pidfds, read as this process's pid namespace numbers them")
+    func replyWithPidfds() throws {
+        let (ours, forker) = try Self.pair()
+        defer {
+            close(ours)
+            close(forker)
+        }
+        // A child that has exited and been reaped: its pidfd no longer names a pid.
+        let child = fork()
+        if child == 0 { _exit(0) }
+        let gone = sandpiper_pidfd_open(child)
+        try #require(gone >= 0)
+        var status: Int32 = 0
+        waitpid(child, &status, 0)
+        let mine = sandpiper_pidfd_open(getpid())
+        try #require(mine >= 0)
+        let text = Array(#"{"type":"forked"}"#.utf8)
+        DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(50)) {
+            var buffer = [UInt8](repeating: 0, count: 256)
+            _ = read(forker, &buffer, buffer.count)
+            _ = sandpiper_send_with_fds(forker, text, UInt(text.count), [mine, gone], 2)
+            close(mine)
+            close(gone)
+        }
+        let (_, answer) = ControlExchange().roundTrip(
+            ours,
+            payload: Array(#"{"type":"fork"}"#.utf8),
+            fds: [],
+            timeout: 10_000
+        )
+        guard case .success(let reply) = answer else {
+            Issue.record("no reply: \(answer)")
+            return
+        }
+        defer { for fd in reply.descriptors { close(fd) } }
+        #expect(reply.bytes == text)
+        try #require(reply.descriptors.count == 2)
+        #expect(sandpiper_pidfd_pid(reply.descriptors[0]) == getpid())
+        #expect(sandpiper_pidfd_pid(reply.descriptors[1]) == -1, "an exited process still has a pid")
+        #expect(fcntl(reply.descriptors[0], F_GETFD) & FD_CLOEXEC != 0, "a received pidfd leaks into children")
     }
 
     @Test("A forker that dies before it takes the request leaves it untaken (another forker can take it)")

@@ -33,6 +33,21 @@ long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeo
 /// Returns the bytes sent or -1 with errno set.
 long sandpiper_send_with_fds(int socket, const void *buffer, unsigned long length, const int *fds, int count);
 
+/// Waits up to `timeout_ms` for `socket` to be readable, then receives one datagram of up to
+/// `count` bytes and the descriptors attached to it (SCM_RIGHTS, close-on-exec): up to `max_fds`
+/// into `fds` (any more are closed), their number into `*received`. Returns what
+/// sandpiper_read_timeout does.
+long sandpiper_receive_with_fds_timeout(int socket, void *buffer, unsigned long count, int *fds, int max_fds,
+                                        int *received, int timeout_ms);
+
+/// pidfd_open(pid, 0): a close-on-exec descriptor for the process, or -1 with errno set.
+int sandpiper_pidfd_open(pid_t pid);
+
+/// The pid, in the caller's pid namespace, of the process a pidfd refers to (PIDFD_GET_INFO,
+/// Linux 6.13+, else the pidfd's "Pid:" line in /proc/self/fdinfo). -1 when it has exited or
+/// the descriptor is no pidfd.
+int sandpiper_pidfd_pid(int pidfd);
+
 /// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC). Returns 0 or -1 with errno set.
 int sandpiper_seqpacket_pair(int fds[2]);
 
