@@ -65,7 +65,8 @@ long sandpiper_fs_type(const char *path) {
 
 int sandpiper_ns_get_userns(int fd) { return ioctl(fd, NS_GET_USERNS); }
 
-long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms) {
+// Waits up to `timeout_ms` for `fd` to be readable: 0, or -1 with errno (ETIMEDOUT on timeout).
+static int wait_readable(int fd, int timeout_ms) {
     struct pollfd p = {.fd = fd, .events = POLLIN};
     int rc;
     do {
@@ -75,7 +76,11 @@ long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeo
         errno = ETIMEDOUT;
         return -1;
     }
-    if (rc < 0) return -1;
+    return rc < 0 ? -1 : 0;
+}
+
+long sandpiper_read_timeout(int fd, void *buffer, unsigned long count, int timeout_ms) {
+    if (wait_readable(fd, timeout_ms) != 0) return -1;
     ssize_t n;
     do {
         n = read(fd, buffer, count);
@@ -111,16 +116,7 @@ long sandpiper_send_with_fds(int sock, const void *buffer, unsigned long length,
 long sandpiper_receive_with_fds_timeout(int sock, void *buffer, unsigned long count, int *fds, int max_fds,
                                         int *received, int timeout_ms) {
     *received = 0;
-    struct pollfd p = {.fd = sock, .events = POLLIN};
-    int rc;
-    do {
-        rc = poll(&p, 1, timeout_ms);
-    } while (rc < 0 && errno == EINTR);
-    if (rc == 0) {
-        errno = ETIMEDOUT;
-        return -1;
-    }
-    if (rc < 0) return -1;
+    if (wait_readable(sock, timeout_ms) != 0) return -1;
     char control[CMSG_SPACE(sizeof(int) * 16)];
     struct iovec iov = {.iov_base = buffer, .iov_len = count};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof(control)};
