@@ -145,15 +145,13 @@ actor ForkTemplate {
             throw SandpiperError(.unavailable, code: "SandboxStartFailed", "the forked session vanished")
         }
         for procs in cgroupProcs {
-            for pid in hostPIDs {
-                guard SystemFile.write("\(pid)", to: procs) else {
-                    for pid in hostPIDs { kill(pid, SIGKILL) }
-                    throw SandpiperError(
-                        .unavailable,
-                        code: "SandboxStartFailed",
-                        "cannot move the session into \(procs)"
-                    )
-                }
+            guard SystemFile.write(each: hostPIDs.map { "\($0)" }, to: procs) else {
+                for pid in hostPIDs { kill(pid, SIGKILL) }
+                throw SandpiperError(
+                    .unavailable,
+                    code: "SandboxStartFailed",
+                    "cannot move the session into \(procs)"
+                )
             }
         }
         var byte = UInt8(ascii: "g")

@@ -78,10 +78,21 @@ enum SystemFile {
 
     /// Writes `text` to an existing file (cgroupfs, /proc) in one write(2); false on failure.
     static func write(_ text: String, to path: String) -> Bool {
+        write(each: [text], to: path)
+    }
+
+    /// Writes each text with a write(2) of its own on one open of `path` (cgroup.procs takes one
+    /// pid a write). False at the first that fails.
+    static func write(each texts: [String], to path: String) -> Bool {
         let fd = open(path, O_WRONLY | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        let bytes = Array(text.utf8)
-        return bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == bytes.count
+        for text in texts {
+            let bytes = Array(text.utf8)
+            guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+                return false
+            }
+        }
+        return true
     }
 }

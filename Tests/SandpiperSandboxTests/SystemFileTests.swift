@@ -42,5 +42,8 @@ struct SystemFileTests {
         #expect(SystemFile.write("1234", to: path))
         #expect(SystemFile.read(path) == "1234")
         #expect(!SystemFile.write("1", to: path + ".missing"))
+        // Several texts go through one open, one write each (cgroup.procs takes a pid a write).
+        #expect(SystemFile.write(each: ["56", "78"], to: path))
+        #expect(SystemFile.read(path) == "5678")
     }
 }
