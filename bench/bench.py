@@ -264,6 +264,15 @@ def memory_by_uid(uids):
     return out
 
 
+def machine_cpu_ms():
+    """(busy, steal) CPU time of the whole machine so far, in ms, from /proc/stat: busy is user,
+    nice, system, irq and softirq; steal is time the hypervisor gave this VM's CPUs to others."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) * tick, v[7] * tick
+
+
 def wait_cpu_idle(threshold=0.15, window=0.3, timeout=30.0):
     """Waits until the machine's CPUs are busy less than `threshold` over `window` seconds
     (background work of the server, e.g. a forked pool prewarming its ready sessions, is done),
@@ -977,11 +986,13 @@ def mode_refill(server, threads):
         before_alloc = len(server.allocated_times)
     launches_before = server.launch_events()
     idents = [new_id("drain") for _ in range(burst)]
+    busy0, steal0 = machine_cpu_ms()
     t0 = time.monotonic()
     lat, errors, wall, _, _ = timed_new_sessions(server, idents, threads)
     if errors:
         raise RuntimeError("drain failed (%d errors): %s" % (len(errors), errors[:2]))
     server.wait_pool_full(timeout=900)
+    busy1, steal1 = machine_cpu_ms()
     with server.cond:
         times = server.ready_times[before_ready:before_ready + burst]
         first_alloc = server.allocated_times[before_alloc] if len(server.allocated_times) > before_alloc else t0
@@ -1006,7 +1017,10 @@ def mode_refill(server, threads):
             "steady_per_second": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
             "gap_p50_ms": ms(pct(gaps, 50)) if gaps else float("nan"), "request_path_launches": request_path,
             "prewarmed_all_seconds": (prewarmed_at - t0) if prewarmed_at else None,
-            "drain_latency": summary(lat)}
+            "drain_latency": summary(lat),
+            # Everything the machine ran from the drain to the full pool (server, sandboxes, this
+            # client, kernel threads), per session refilled; and the hypervisor's steal meanwhile.
+            "machine_cpu_ms_per_session": (busy1 - busy0) / burst, "steal_ms": steal1 - steal0}
 
 
 def mode_refill_rounds(server, threads, rounds):
@@ -1020,6 +1034,8 @@ def mode_refill_rounds(server, threads, rounds):
     out = dict(ordered[len(ordered) // 2])
     out["rounds"] = [r["sessions_per_second"] for r in results]
     out["steady_rounds"] = [r["steady_per_second"] for r in results]
+    out["machine_cpu_ms_per_session_rounds"] = [r["machine_cpu_ms_per_session"] for r in results]
+    out["steal_ms_rounds"] = [r["steal_ms"] for r in results]
     return out
 
 
@@ -1799,13 +1815,17 @@ def fork_table(lm, r, args):
         "\"sandbox ready\"), the median of the rounds; from the first allocation: %s /s; steady ready-line rate: "
         "%s /s, gap p50 %s ms; "
         "request-path launches during the drain: %s (fork / exec); forked sessions all prewarmed (rehearsal "
-        "cell, run once the pool is full) %s s after the drain started" % (
+        "cell, run once the pool is full) %s s after the drain started; the machine's CPU per refilled "
+        "session, fork rounds: %s ms (steal %s ms)" % (
             args.drain_threads,
             each((f, e), lambda y: "%.1f" % y["from_first_allocation_per_second"]),
             each((f, e), lambda y: "%.1f" % y["steady_per_second"]),
             each((f, e), lambda y: "%.1f" % y["gap_p50_ms"]),
             each((f, e), lambda y: "%d" % y["request_path_launches"]),
-            "%.2f" % f["prewarmed_all_seconds"] if isinstance(f, dict) and f.get("prewarmed_all_seconds") else "n/a")))
+            "%.2f" % f["prewarmed_all_seconds"] if isinstance(f, dict) and f.get("prewarmed_all_seconds") else "n/a",
+            " / ".join("%.1f" % v for v in f.get("machine_cpu_ms_per_session_rounds", [])) if isinstance(f, dict)
+            else "n/a",
+            " / ".join("%.0f" % v for v in f.get("steal_ms_rounds", [])) if isinstance(f, dict) else "n/a")))
 
     f, e = part(fork, "new_identifier"), part(ex, "new_identifier")
     rows.append((
