@@ -1498,8 +1498,8 @@ class ForkHooks:
     that holds no lock, so of the hooks the stack registers only `random`'s reseed does anything
     a session needs: threading's, logging's lock re-creation and matplotlib's font-cache clear
     (the template emptied that cache already) changed nothing and cost ~100 page copies per
-    session (556 -> 453 at `ready`). The session puts the whole list back before any code of the
-    user's runs, so a fork of the user's own gets every hook."""
+    session (556 -> 447 faults by `ready`). The session puts the whole list back before any code
+    of the user's runs, so a fork of the user's own gets every hook."""
 
     def __init__(self):
         self.hooks = None
