@@ -264,11 +264,17 @@ def memory_by_uid(uids):
     return out
 
 
-def machine_cpu_ms():
-    """(busy, steal) CPU time of the whole machine so far, in ms, from /proc/stat: busy is user,
-    nice, system, irq and softirq; steal is time the hypervisor gave this VM's CPUs to others."""
+def proc_stat_cpu():
+    """The machine's CPU times so far (/proc/stat's first line, in clock ticks): user, nice,
+    system, idle, iowait, irq, softirq, steal, ..."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def machine_cpu_ms():
+    """(busy, steal) CPU time of the whole machine so far, in ms: busy is user, nice, system, irq
+    and softirq; steal is time the hypervisor gave this VM's CPUs to others."""
+    v = proc_stat_cpu()
     tick = 1000.0 / os.sysconf("SC_CLK_TCK")
     return (v[0] + v[1] + v[2] + v[5] + v[6]) * tick, v[7] * tick
 
@@ -278,8 +284,7 @@ def wait_cpu_idle(threshold=0.15, window=0.3, timeout=30.0):
     (background work of the server, e.g. a forked pool prewarming its ready sessions, is done),
     at most `timeout`. Returns the busy fraction last seen."""
     def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
+        v = proc_stat_cpu()
         return sum(v) - v[3] - v[4], sum(v)
     deadline = time.monotonic() + timeout
     busy = 1.0

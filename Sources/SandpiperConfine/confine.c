@@ -13,36 +13,41 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size) {
+long sandpiper_read_file(const char *path, void *buffer, size_t size) {
     int source = open(path, O_RDONLY | O_CLOEXEC);
-    if (source < 0) {
-        snprintf(error, size, "open %s: %s", path, strerror(errno));
-        return -1;
-    }
+    if (source < 0) return -1;
     size_t length = 0;
-    char *bytes = (char *)filter->program;
-    for (;;) {
-        ssize_t got = read(source, bytes + length, sizeof(filter->program) - length);
+    while (length < size) {
+        ssize_t got = read(source, (char *)buffer + length, size - length);
         if (got < 0 && errno == EINTR) continue;
         if (got < 0) {
-            snprintf(error, size, "read %s: %s", path, strerror(errno));
+            int saved = errno;
             close(source);
+            errno = saved;
             return -1;
         }
         if (got == 0) break;
         length += (size_t)got;
-        if (length == sizeof(filter->program)) {
-            snprintf(error, size, "%s is too large", path);
-            close(source);
-            return -1;
-        }
     }
     close(source);
-    if (length == 0 || length % sizeof(struct sock_filter) != 0) {
+    return (long)length;
+}
+
+int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size) {
+    long length = sandpiper_read_file(path, filter->program, sizeof(filter->program));
+    if (length < 0) {
+        snprintf(error, size, "read %s: %s", path, strerror(errno));
+        return -1;
+    }
+    if ((size_t)length == sizeof(filter->program)) {
+        snprintf(error, size, "%s is too large", path);
+        return -1;
+    }
+    if (length == 0 || (size_t)length % sizeof(struct sock_filter) != 0) {
         snprintf(error, size, "%s is malformed", path);
         return -1;
     }
-    filter->length = (unsigned short)(length / sizeof(struct sock_filter));
+    filter->length = (unsigned short)((size_t)length / sizeof(struct sock_filter));
     return 0;
 }
 
@@ -57,17 +62,13 @@ static int last_capability = -1;
 int sandpiper_last_capability(void) {
     if (last_capability >= 0) return last_capability;
     int last = 63;
-    int source = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
-    if (source >= 0) {
-        char text[16];
-        ssize_t got = read(source, text, sizeof(text) - 1);
-        close(source);
-        if (got > 0) {
-            text[got] = '\0';
-            char *end = NULL;
-            long value = strtol(text, &end, 10);
-            if (end != text && value >= 0 && value <= 63) last = (int)value;
-        }
+    char text[16];
+    long got = sandpiper_read_file("/proc/sys/kernel/cap_last_cap", text, sizeof(text) - 1);
+    if (got > 0) {
+        text[got] = '\0';
+        char *end = NULL;
+        long value = strtol(text, &end, 10);
+        if (end != text && value >= 0 && value <= 63) last = (int)value;
     }
     last_capability = last;
     return last;

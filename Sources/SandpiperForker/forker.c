@@ -333,17 +333,8 @@ failed:
 static int collapse_to_huge_pages(void) {
     static char maps[1 << 18];
     const unsigned long huge = 1UL << 21;
-    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 0;
-    size_t length = 0;
-    for (;;) {
-        ssize_t got = read(fd, maps + length, sizeof(maps) - 1 - length);
-        if (got < 0 && errno == EINTR) continue;
-        if (got <= 0) break;
-        length += (size_t)got;
-        if (length == sizeof(maps) - 1) break;
-    }
-    close(fd);
+    long length = sandpiper_read_file("/proc/self/maps", maps, sizeof(maps) - 1);
+    if (length < 0) return 0;
     maps[length] = '\0';
     int collapsed = 0;
     for (char *line = maps; *line != '\0';) {

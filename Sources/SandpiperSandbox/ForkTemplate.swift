@@ -593,7 +593,8 @@ final class ControlExchange: Sendable {
                 }
             }
             guard sent == payload.count else { return (sent, .failure(ReadFailure(count: -1))) }
-            var buffer = [UInt8](repeating: 0, count: 65536)
+            // A forker's replies are a line of JSON: at most 900 bytes (forker.c, answer_error).
+            var buffer = [UInt8](repeating: 0, count: 4096)
             var descriptors = [Int32](repeating: -1, count: 4)
             var received: Int32 = 0
             // errno is taken right after the read, before anything else can overwrite it.

@@ -16,6 +16,10 @@ struct sandpiper_filter {
     struct sock_filter program[SANDPIPER_MAX_FILTER];
 };
 
+/// Reads `path` into `buffer` until its end or `size` bytes (a result of `size` may mean more
+/// was left). The byte count, or -1 with errno set.
+long sandpiper_read_file(const char *path, void *buffer, size_t size);
+
 /// Reads the session filter from `path` into `filter`. 0, or -1 with `error` set.
 int sandpiper_read_filter(const char *path, struct sandpiper_filter *filter, char *error, size_t size);
 
